@@ -1,0 +1,73 @@
+"""The offline default: an MLP on MNIST-1D trained with SGD (about 30 s on a 2-core CPU).
+
+    python -m nonuniform_jax.main --config configs/default.py --workdir /tmp/nu/default
+
+Every other config imports this one and overrides what differs, so this file is also the list
+of every setting; overrides on the command line look like ``--config.optimizer.learning_rate=0.05``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # What runs: 'train' (a training run); the small studies have their own tasks and configs.
+  c.task = "train"
+  c.seed = 0
+
+  # Data. Offline: 'mnist1d', 'digits'. TFDS: 'mnist', 'fashion_mnist', 'cifar10', 'cifar100',
+  # 'imagenet2012', 'food101' (prepared data under data_dir or $TFDS_DATA_DIR).
+  c.dataset = "mnist1d"
+  c.data_dir = ""
+  c.augment = True                 # standard augmentation of the dataset (none for MNIST-like)
+  c.image_size = 224               # ImageNet / Food-101 crops
+  c.num_train_examples = 0         # > 0: a fixed, seeded subset of the training set
+  c.train_eval_examples = 4000     # fixed training subset (no augmentation) for train-side metrics
+  c.label_noise = ml_collections.ConfigDict({"kind": "none", "rate": 0.0})  # none|symmetric|asymmetric
+
+  # Model: 'name' picks it from nonuniform_jax.models.MODELS; other keys are its arguments.
+  c.model = ml_collections.ConfigDict({"name": "mlp", "widths": (256, 256), "activation": "relu"})
+
+  # Optimizer. name: sgd | adam | adamw | sam | asam | csam (= nonuniform_sam) | gam | sam_gcm | cov.
+  # The SAM family wraps the base optimizer named by `base` (sgd | adam | adamw).
+  c.optimizer = ml_collections.ConfigDict({
+      "name": "sgd",
+      "base": "sgd",
+      "learning_rate": 0.1,
+      "momentum": 0.9,
+      "nesterov": False,
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-8,
+      "weight_decay": 0.0,
+      "weight_decay_mode": "coupled",   # coupled (L2 added to the gradient) | decoupled (AdamW-style)
+      "grad_clip_norm": 0.0,            # > 0: clip the update's global norm
+  })
+  c.schedule = ml_collections.ConfigDict({
+      "name": "cosine",                 # constant | cosine | step | linear
+      "warmup_steps": 0,
+      "step_boundaries": (0.5, 0.75),   # 'step': fractions of training where the rate is multiplied
+      "step_factor": 0.1,
+      "end_factor": 0.0,                # cosine / linear: final rate as a fraction of the peak
+  })
+  # SAM family settings (used when optimizer.name is in the family).
+  c.sam = ml_collections.ConfigDict({
+      "rho": 0.05,
+      "m": 0,                           # examples per perturbation group; 0 = the whole batch
+      "eta": 0.0,                       # ASAM's η
+      "bn_policy": "clean",             # clean (running stats from the clean pass) | every_pass
+      "weight_decay_in_perturbation": False,
+  })
+  c.label_smoothing = 0.0
+
+  c.batch_size = 128                # global batch, split over devices
+  c.eval_batch_size = 1000
+  c.num_steps = 3000                # > 0 wins; else num_epochs decides
+  c.num_epochs = 0.0
+  c.eval_every = 500
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.progress = True
+  c.overwrite = False               # True: wipe a workdir holding a run of a different config
+  return c
