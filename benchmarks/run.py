@@ -1,0 +1,81 @@
+"""Runs every ``benchmarks/bench_*.py``, prints one table and rewrites BENCHMARKS.md.
+
+    python -m benchmarks.run            # full measurement (a few minutes on a 2-core CPU)
+    python -m benchmarks.run --quick    # smaller sizes, to check that everything runs
+    python -m benchmarks.run --only sam,data
+
+Each module exposes ``run(quick: bool) -> list[dict]`` with rows of: benchmark, case, value,
+unit, goal, ok, note. Every value is a ratio measured side by side in this one process, so
+results from different machines compare; absolute times go only in notes.
+"""
+
+import argparse
+import datetime
+import importlib
+import os
+import pathlib
+import platform
+import sys
+import traceback
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+COLUMNS = ("benchmark", "case", "value", "unit", "goal", "ok", "note")
+
+
+def _modules(only):
+  names = sorted(p.stem for p in HERE.glob("bench_*.py"))
+  if only:
+    names = [n for n in names if n.removeprefix("bench_") in only]
+  return names
+
+
+def _cell(row, key):
+  value = row.get(key, "")
+  if key == "value" and isinstance(value, float):
+    return f"{value:.3g}"
+  if key == "ok":
+    return {True: "yes", False: "**no**", None: "–"}.get(value, str(value))
+  return str(value)
+
+
+def _table(rows) -> str:
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(_cell(r, k) for k in COLUMNS) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--only", default="", help="comma-separated topics, e.g. sam,data")
+  parser.add_argument("--no-write", action="store_true", help="print only")
+  args = parser.parse_args(argv)
+  sys.path.insert(0, str(ROOT))
+  import jax  # pylint: disable=g-import-not-at-top
+
+  rows = []
+  for name in _modules(set(filter(None, args.only.split(",")))):
+    try:
+      rows += importlib.import_module(f"benchmarks.{name}").run(quick=args.quick)
+    except Exception as e:  # a broken benchmark is reported, not hidden
+      traceback.print_exc()
+      rows.append({"benchmark": name, "case": "error", "value": float("nan"), "unit": "",
+                   "goal": "", "ok": False, "note": f"{type(e).__name__}: {e}"})
+  table = _table(rows)
+  print(table)
+  if not args.no_write:
+    device = jax.devices()[0]
+    header = (
+        "# Benchmarks\n\n"
+        "Written by `python -m benchmarks.run" + (" --quick" if args.quick else "") + "` on "
+        f"{datetime.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, JAX {jax.__version__} on {device.platform} "
+        f"({device.device_kind}). Values are ratios measured side by side in one process; "
+        "notes give absolute times on this machine.\n\n")
+    (ROOT / "BENCHMARKS.md").write_text(header + table + "\n")
+  return 0 if all(r.get("ok") is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,56 @@
+"""Command line: ``python -m nonuniform_jax.main --config configs/NAME.py --workdir DIR``.
+
+Overrides: ``--config.optimizer.learning_rate=0.05``, ``--config.model.widths='(128,64)'``.
+This file only parses and calls ``train.train_and_evaluate``; a bad setting ends the process
+with a one-line error and exit status 2, before anything is compiled.
+"""
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's start-up notices
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file (configs/NAME.py[:variant]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # JAX reports at INFO each accelerator backend it does not find; that is not news here.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  # Orbax and CLU report every save and scalar through absl at INFO; the progress bar and
+  # metrics.jsonl already say it.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  from nonuniform_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed()
+  try:
+    config = _CONFIG.value
+    config.get("task")  # a config file that failed to load raises here
+  except (OSError, ImportError, SyntaxError) as e:
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    print(f"error: cannot load config file {path!r} ({type(e).__name__}): check the path "
+          "(relative to the current directory) and that it defines get_config()",
+          file=sys.stderr)
+    sys.exit(2)
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except ValueError as e:
+    logging.debug("configuration error", exc_info=True)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,158 @@
+"""The jitted train and evaluation steps, built from a model, an Optax transformation and a few
+explicit settings (no configs here).
+
+One train step evaluates the gradient of the minibatch loss once per pass the optimizer needs
+(SGD 1, SAM 2, CSAM 3) and never runs an extra forward pass. BatchNorm running statistics come
+from the clean pass (``bn_policy='clean'``) or are updated by every pass in order
+(``bn_policy='every_pass'``, the behaviour of the paper's PyTorch code).
+"""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+BN_POLICIES = ("clean", "every_pass")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any      # {} for models without BatchNorm
+  opt_state: Any
+
+
+def per_example_cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Cross-entropy of each example, [b], with optional label smoothing."""
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  if label_smoothing > 0:
+    one_hot = optax.smooth_labels(one_hot, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot)
+
+
+def l2_penalty(params) -> jax.Array:
+  return 0.5 * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
+
+
+def make_loss_fn(model, *, label_smoothing: float = 0.0, l2: float = 0.0, train: bool = True):
+  """``loss_fn(params, batch_stats, batch, dropout_key) -> (mean loss, (logits, batch_stats))``.
+
+  ``l2 > 0`` adds ``l2/2·‖θ‖²`` to the loss (weight decay inside the loss, as original SAM).
+  """
+  def loss_fn(params, batch_stats, batch, dropout_key):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    if train and batch_stats:
+      logits, updated = model.apply(variables, batch["inputs"], train=True,
+                                    rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+      new_stats = updated["batch_stats"]
+    else:
+      logits = model.apply(variables, batch["inputs"], train=train, rngs={"dropout": dropout_key})
+      new_stats = batch_stats
+    loss = jnp.mean(per_example_cross_entropy(logits, batch["labels"], label_smoothing))
+    if l2 > 0:
+      loss = loss + l2 * l2_penalty(params)
+    return loss, (logits, new_stats)
+
+  return loss_fn
+
+
+def _group(batch, groups: int):
+  return jax.tree.map(lambda x: x.reshape((groups, x.shape[0] // groups) + x.shape[1:]), batch)
+
+
+def _mean0(tree):
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: float = 0.0,
+                    passes: int = 1, groups: int = 1, bn_policy: str = "clean") -> Callable:
+  """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
+
+  Args:
+    model: a Flax module called as ``model.apply(variables, x, train=...)``.
+    tx: an Optax transformation. With ``passes > 1`` it is a SAM-family transformation whose
+      update takes ``grad_fn`` (the gradient of the same minibatch loss at other parameters).
+    seed: dropout keys are ``fold_in(key(seed), step)`` (one per step, shared by all passes).
+    passes: gradient evaluations per step the transformation makes (1 plain, 2 SAM, 3 CSAM).
+    groups: number of m-sharpness groups (batch / m); with ``groups > 1`` the clean pass and
+      every perturbed pass are computed per group (vmapped) and ``tx`` is in grouped mode.
+    bn_policy: 'clean' or 'every_pass'.
+  """
+  if bn_policy not in BN_POLICIES:
+    raise ValueError(f"unknown bn_policy {bn_policy!r}; choose one of {list(BN_POLICIES)}")
+  loss_fn = make_loss_fn(model, label_smoothing=label_smoothing, l2=l2)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  base_key = jax.random.key(seed)
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(base_key, state.step)
+    if groups > 1:
+      gbatch = _group(batch, groups)
+      gkeys = jax.random.split(key, groups)
+      (losses, (logits, stats)), grads = jax.vmap(
+          value_and_grad, in_axes=(None, None, 0, 0))(state.params, state.batch_stats, gbatch,
+                                                      gkeys)
+      loss, stats = jnp.mean(losses), _mean0(stats)
+      logits = logits.reshape((-1,) + logits.shape[2:])
+    else:
+      (loss, (logits, stats)), grads = value_and_grad(state.params, state.batch_stats, batch,
+                                                      key)
+    extra = {}
+    if passes > 1:
+      # Perturbed passes: BatchNorm normalises with the batch's own statistics in every pass;
+      # only the running averages differ by policy. Under 'every_pass' each pass starts from the
+      # running statistics the previous pass produced, which the chain below threads through
+      # (the transformation calls grad_fn at the top level of its update, in order).
+      chain = [stats]
+
+      def one_grad(params, batch_stats, b, k):
+        g, (_, new_stats) = jax.grad(loss_fn, has_aux=True)(params, batch_stats, b, k)
+        return g, new_stats
+
+      def grad_fn(params):
+        if groups > 1:
+          g, new_stats = jax.vmap(one_grad, in_axes=(0, None, 0, 0))(params, chain[-1], gbatch,
+                                                                    gkeys)
+          new_stats = _mean0(new_stats)
+        else:
+          g, new_stats = one_grad(params, chain[-1], batch, key)
+        chain.append(new_stats)
+        return g
+
+      extra["grad_fn"] = grad_fn
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+    if passes > 1 and bn_policy == "every_pass":
+      stats = chain[-1]
+    params = optax.apply_updates(state.params, updates)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                              opt_state=opt_state)
+    return new_state, {"train_loss": loss, "train_accuracy": accuracy}
+
+  return train_step
+
+
+def make_eval_step(model) -> Callable:
+  """Returns ``eval_step(params, batch_stats, batch) -> sums`` over the real (mask 1) examples:
+  loss (plain cross-entropy, no smoothing), correct predictions and count; with a ``noisy``
+  field also the correct predictions and counts on the noisy and clean parts."""
+  loss_fn = make_loss_fn(model, train=False)
+
+  def eval_step(params, batch_stats, batch):
+    _, (logits, _) = loss_fn(params, batch_stats, batch, jax.random.key(0))
+    mask = batch["mask"]
+    losses = per_example_cross_entropy(logits, batch["labels"])
+    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+    sums = {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask)}
+    if "noisy" in batch:
+      noisy = batch["noisy"] * mask
+      sums["noisy_correct"] = jnp.sum(correct * noisy)
+      sums["noisy_count"] = jnp.sum(noisy)
+    return sums
+
+  return eval_step

@@ -1,0 +1,138 @@
+"""What a run keeps in its workdir, and the rules that protect it.
+
+    DIR/config.json        the run's config (written first; a different config is refused)
+    DIR/metrics.jsonl      one JSON line per logged step: every scalar that is a function of
+                           (config, seed) — identical across reruns on one machine
+    DIR/timing.jsonl       step time and throughput at the same steps (machine-dependent)
+    DIR/summary.json       at the end: config, versions, devices, final metrics, status
+    DIR/checkpoints/       Orbax checkpoints
+    DIR/events.out.*       TensorBoard (CLU metric writers)
+
+Paths go through ``etils.epath``, so DIR may be local or a bucket (``gs://...``). Every file is
+written whole to a temporary name and renamed into place, so a killed process never leaves a
+half-written file (a bucket has no appends either).
+"""
+
+import importlib.metadata
+import json
+from typing import Any
+
+from etils import epath
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+TIMING_FILE = "timing.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# Settings that change how a run is shown, not what it computes; they may differ on a rerun.
+PRESENTATION_KEYS = ("progress", "overwrite")
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "clu", "ml_collections",
+            "tensorflow-datasets", "tensorflow-cpu", "numpy", "nonuniform_jax")
+
+
+def package_versions() -> dict:
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return versions
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  out = {}
+  for k, v in d.items():
+    out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+  a, b = flatten(old), flatten(new)
+  keys = {k for k in set(a) | set(b) if k not in PRESENTATION_KEYS}
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(keys) if a.get(k) != b.get(k)]
+
+
+def read_json(path) -> Any:
+  return json.loads(epath.Path(path).read_text())
+
+
+def write_text(path, text: str) -> None:
+  """Writes ``text`` to a temporary name, then renames it over ``path``."""
+  path = epath.Path(path)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def write_json(path, obj: Any) -> None:
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def prepare(workdir: str, config: dict, overwrite: bool) -> str:
+  """Claims ``workdir`` for a run of ``config``.
+
+  Returns 'new' (empty or replaced), 'resume' (same config, unfinished) or 'completed' (same
+  config, finished). A workdir holding a different config raises ValueError and is left as it
+  was, unless ``overwrite``, in which case the old run's files are removed first.
+  """
+  config = json.loads(json.dumps(config, default=str))   # as it reads back (tuples are lists)
+  root = epath.Path(workdir)
+  config_path = root / CONFIG_FILE
+  if config_path.exists():
+    diffs = config_differences(read_json(config_path), config)
+    if diffs and not overwrite:
+      shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+      raise ValueError(f"workdir {workdir!r} holds a run of a different config ({shown}); "
+                       "use another --workdir or pass --config.overwrite=True to replace it")
+    if not diffs:
+      summary = root / SUMMARY_FILE
+      if summary.exists() and read_json(summary).get("status") == "completed":
+        return "completed"
+      write_json(config_path, config)
+      return "resume"
+    clear(root)
+  root.mkdir(parents=True, exist_ok=True)
+  write_json(config_path, config)
+  return "new"
+
+
+def clear(root: epath.Path) -> None:
+  """Removes what a run wrote: the files this module names and TensorBoard events; nothing else."""
+  for name in (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE):
+    if (root / name).exists():
+      (root / name).unlink()
+  if (root / CHECKPOINT_DIR).exists():
+    (root / CHECKPOINT_DIR).rmtree()
+  for path in root.glob("events.out.tfevents*"):
+    path.unlink()
+
+
+class JsonLog:
+  """A JSON-lines log that a resumed run continues exactly.
+
+  Opening it keeps the records with ``step <= last_step`` (those an interrupted run wrote after
+  its last checkpoint are written again when the resumed run gets there).
+  """
+
+  def __init__(self, path, last_step: int):
+    self.path = epath.Path(path)
+    self.records = []
+    if self.path.exists():
+      for line in self.path.read_text().splitlines():
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          break
+        if record.get("step", 0) <= last_step:
+          self.records.append(record)
+    self._lines = [json.dumps(r, sort_keys=True) for r in self.records]
+    write_text(self.path, "".join(line + "\n" for line in self._lines))
+
+  def append(self, record: dict) -> None:
+    self.records.append(record)
+    self._lines.append(json.dumps(record, sort_keys=True))
+    write_text(self.path, "".join(line + "\n" for line in self._lines))

@@ -1,0 +1,179 @@
+"""End to end: the default experiment, resume after a crash, determinism, divergence, workdir
+protection, and every bad-input case of the command line."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from nonuniform_jax import data, train, workdir as wd
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(**overrides):
+  c = default.get_config()
+  c.num_steps = 40
+  c.log_every = 10
+  c.eval_every = 20
+  c.checkpoint_every = 20
+  c.train_eval_examples = 512
+  c.progress = False
+  c.model.widths = (32,)
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def read_lines(path):
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def final_params(workdir):
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
+    restored = m.restore(m.latest_step())
+  return restored["params"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  summary = train.train_and_evaluate(small_config(), workdir)
+  return workdir, summary
+
+
+def test_default_run_writes_everything(reference_run):
+  workdir, summary = reference_run
+  assert summary["status"] == "completed"
+  for key in ("test_accuracy", "eval_train_accuracy", "generalization_gap", "accuracy_gap"):
+    assert np.isfinite(summary["final"][key])
+  assert summary["final"]["test_accuracy"] > 0.15   # better than chance (0.1) after 40 steps
+  np.testing.assert_allclose(summary["final"]["generalization_gap"],
+                             summary["final"]["test_loss"] - summary["final"]["eval_train_loss"])
+  assert summary["settings"]["global_batch"] == 128
+  assert summary["devices"]["num_devices"] == jax.device_count()
+  assert summary["versions"]["jax"] == jax.__version__
+  lines = read_lines(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in lines] == [10, 20, 30, 40]
+  assert "test_loss" in lines[1] and "test_loss" not in lines[0]
+  assert {"train_loss", "train_accuracy", "learning_rate"} <= set(lines[0])
+  timing = read_lines(os.path.join(workdir, "timing.jsonl"))
+  assert all(t["examples_per_second"] > 0 for t in timing)
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]
+
+
+def test_rerunning_a_completed_run_only_reports(reference_run, monkeypatch):
+  workdir, summary = reference_run
+  monkeypatch.setattr(data, "get_datasets", lambda *a, **k: pytest.fail("retrained"))
+  assert train.train_and_evaluate(small_config(), workdir)["final"] == summary["final"]
+
+
+def test_same_config_same_metrics(reference_run, tmp_path):
+  workdir, _ = reference_run
+  train.train_and_evaluate(small_config(), str(tmp_path))
+  assert (tmp_path / "metrics.jsonl").read_text() == \
+      pathlib.Path(workdir, "metrics.jsonl").read_text()
+
+
+def test_resume_after_crash_matches_uninterrupted(reference_run, tmp_path, monkeypatch):
+  workdir, _ = reference_run
+  real_prefetch = data.prefetch_to_device
+
+  def crashing_prefetch(iterator, size, sharding):
+    for i, batch in enumerate(real_prefetch(iterator, size, sharding)):
+      if i == 25 and "mask" not in batch:   # training batch 26: after the step-20 checkpoint
+        raise KeyboardInterrupt("simulated crash")
+      yield batch
+
+  monkeypatch.setattr(data, "prefetch_to_device", crashing_prefetch)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(small_config(), str(tmp_path))
+  assert not (tmp_path / "summary.json").exists()
+  # A torn last line, as a kill -9 in the middle of a write leaves it.
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 30, "train_lo')
+  monkeypatch.setattr(data, "prefetch_to_device", real_prefetch)
+  summary = train.train_and_evaluate(small_config(), str(tmp_path))
+  assert summary["status"] == "completed"
+  assert (tmp_path / "metrics.jsonl").read_text() == \
+      pathlib.Path(workdir, "metrics.jsonl").read_text()
+  jax.tree.map(np.testing.assert_array_equal, final_params(str(tmp_path)),
+               final_params(workdir))
+
+
+def test_divergence_is_reported_and_last_good_checkpoint_kept(tmp_path):
+  config = small_config(**{"optimizer.learning_rate": 1e30, "schedule.name": "constant",
+                           "num_steps": 60, "checkpoint_every": 10})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["status"] == "diverged"
+  step = summary["diverged_step"]
+  assert 1 <= step <= 60
+  saved = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
+  assert all(s < step for s in saved)
+  assert json.loads((tmp_path / "summary.json").read_text())["diverged_step"] == step
+
+
+def test_different_config_refused_unless_overwrite(reference_run, tmp_path):
+  train.train_and_evaluate(small_config(num_steps=10, checkpoint_every=10), str(tmp_path))
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(ValueError, match=r"different config \(num_steps: 10 -> 20\)"):
+    train.train_and_evaluate(small_config(num_steps=20, checkpoint_every=10), str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == before
+  summary = train.train_and_evaluate(
+      small_config(num_steps=20, checkpoint_every=10, overwrite=True), str(tmp_path))
+  assert summary["settings"]["num_steps"] == 20
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dataset": "mnist2d"}, "unknown dataset 'mnist2d'"),
+    ({"model.name": "resnet7"}, "unknown model 'resnet7'; choose one of"),
+    ({"optimizer.name": "lamb"}, "unknown optimizer 'lamb'; choose one of"),
+    ({"schedule.name": "poly"}, "unknown schedule 'poly'; choose one of"),
+    ({"optimizer.learning_rate": 0.0}, "optimizer.learning_rate must be > 0, got 0.0"),
+    ({"batch_size": -8}, "batch_size"),
+    ({"num_steps": 0}, "num_steps (0) or num_epochs (0.0) must be > 0"),
+    ({"task": "pretrain"}, "unknown task 'pretrain'; choose one of"),
+    ({"optimizer.name": "sam", "sam.rho": -0.1}, "sam.rho must be >= 0, got -0.1"),
+    ({"optimizer.name": "sam", "sam.m": 48}, "sam.m 48 must divide the per-device batch 128"),
+    ({"optimizer.name": "sam", "sam.bn_policy": "never"}, "unknown sam.bn_policy 'never'"),
+])
+def test_bad_input_is_one_line_error_before_anything(overrides, message, tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "get_datasets", lambda *a, **k: pytest.fail("data was loaded"))
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(small_config(**overrides), str(tmp_path / "w"))
+  assert message in str(info.value) and "\n" not in str(info.value)
+  assert not (tmp_path / "w").exists()
+
+
+def _cli(*args, cwd):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  return subprocess.run([sys.executable, "-m", "nonuniform_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_override_and_missing_config(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "keep.txt").write_text("precious")
+  result = _cli(f"--config={ROOT}/configs/default.py", f"--workdir={workdir}",
+                "--config.optimizer.name=lamb", cwd=tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: unknown optimizer 'lamb'")
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert sorted(os.listdir(workdir)) == ["keep.txt"]
+  result = _cli("--config=configs/nope.py", f"--workdir={workdir}", cwd=tmp_path)
+  assert result.returncode != 0
+  assert "nope.py" in result.stderr and "Traceback" not in result.stderr
+  assert sorted(os.listdir(workdir)) == ["keep.txt"]

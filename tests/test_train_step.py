@@ -1,0 +1,126 @@
+"""The trainer's SAM step: hand-written references for the update, m-sharpness groups and both
+BatchNorm policies, and the number of forward passes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from nonuniform_jax import optim, steps
+from nonuniform_jax.models import common, layers
+
+RHO, LR = 0.05, 0.1
+
+
+class TinyBN(nn.Module):
+  """Conv, BatchNorm, ReLU, pooling, Dense: the smallest network with running statistics."""
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = layers.Conv(4, (3, 3))(x)
+    x = nn.relu(common.batch_norm(train)(x))
+    return layers.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def setup(batch=8):
+  model = TinyBN()
+  x = jax.random.normal(jax.random.key(1), (batch, 6, 6, 3))
+  y = jax.random.randint(jax.random.key(2), (batch,), 0, 3)
+  variables = model.init(jax.random.key(0), x[:1])
+  return model, {"inputs": x, "labels": y}, variables
+
+
+def forward(model, params, stats, x, y):
+  """Clean forward in train mode: (mean loss, new running statistics)."""
+  logits, new = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                            mutable=["batch_stats"])
+  return jnp.mean(steps.per_example_cross_entropy(logits, y)), new["batch_stats"]
+
+
+def run_step(model, batch, variables, *, groups=1, bn_policy="clean"):
+  tx = optax.chain(optim.sam(RHO, grouped=groups > 1), optax.sgd(LR))
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=tx.init(variables["params"]))
+  step = steps.make_train_step(model, tx, seed=0, passes=2, groups=groups, bn_policy=bn_policy)
+  return jax.jit(step)(state, batch)[0]
+
+
+def sam_reference(model, params, stats, x, y):
+  """Two passes by hand: ε = ρ g/‖g‖, g* = ∇L(θ+ε); returns (θ − lr g*, stats of each pass)."""
+  (_, stats1), g = jax.value_and_grad(forward, argnums=1, has_aux=True)(model, params, stats,
+                                                                       x, y)
+  norm = jnp.sqrt(sum(jnp.sum(l ** 2) for l in jax.tree.leaves(g)))
+  perturbed = jax.tree.map(lambda p, gi: p + RHO * gi / norm, params, g)
+  (_, stats2), g_star = jax.value_and_grad(forward, argnums=1, has_aux=True)(
+      model, perturbed, stats1, x, y)
+  return g_star, stats1, stats2
+
+
+def test_sam_step_and_clean_batchnorm_policy():
+  model, batch, variables = setup()
+  new = run_step(model, batch, variables)
+  g_star, stats1, _ = sam_reference(model, variables["params"], variables["batch_stats"],
+                                    batch["inputs"], batch["labels"])
+  want = jax.tree.map(lambda p, g: p - LR * g, variables["params"], g_star)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               new.params, want)
+  # Running statistics: exactly those of the clean pass alone.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               new.batch_stats, stats1)
+
+
+def test_every_pass_batchnorm_policy_updates_in_order():
+  model, batch, variables = setup()
+  new = run_step(model, batch, variables, bn_policy="every_pass")
+  _, stats1, stats2 = sam_reference(model, variables["params"], variables["batch_stats"],
+                                    batch["inputs"], batch["labels"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               new.batch_stats, stats2)
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(stats1), jax.tree.leaves(stats2)))
+  assert diff > 1e-4   # the two policies really differ
+
+
+def test_m_sharpness_groups_match_per_group_reference():
+  model, batch, variables = setup(batch=8)
+  new = run_step(model, batch, variables, groups=2)
+  params, stats = variables["params"], variables["batch_stats"]
+  g_stars, group_stats = [], []
+  for k in range(2):
+    sl = slice(4 * k, 4 * k + 4)
+    g_star, stats1, _ = sam_reference(model, params, stats, batch["inputs"][sl],
+                                      batch["labels"][sl])
+    g_stars.append(g_star)
+    group_stats.append(stats1)
+  mean_g = jax.tree.map(lambda *g: sum(g) / 2, *g_stars)
+  want = jax.tree.map(lambda p, g: p - LR * g, params, mean_g)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               new.params, want)
+  jax.tree.map(lambda a, b, c: np.testing.assert_allclose(a, (b + c) / 2, rtol=1e-5,
+                                                          atol=1e-6),
+               new.batch_stats, *group_stats)
+
+
+@pytest.mark.parametrize("passes, groups", [(1, 1), (2, 1), (2, 4)])
+def test_one_forward_pass_per_gradient_evaluation(passes, groups):
+  model, batch, variables = setup()
+  calls = []
+
+  class Counting(type(model)):
+    def __call__(self, *args, **kwargs):
+      calls.append(1)
+      return super().__call__(*args, **kwargs)
+
+  counting = Counting()
+  tx = optax.sgd(LR) if passes == 1 else optax.chain(optim.sam(RHO, grouped=groups > 1),
+                                                     optax.sgd(LR))
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=tx.init(variables["params"]))
+  step = steps.make_train_step(counting, tx, seed=0, passes=passes, groups=groups)
+  jax.jit(step).lower(state, batch)
+  assert len(calls) == passes
