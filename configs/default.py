@@ -59,6 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
       "weight_decay_in_perturbation": False,
   })
   c.label_smoothing = 0.0
+  # Devices: the batch is split over every device of every process (data parallelism).
+  c.parallel = ml_collections.ConfigDict({
+      "bn_sync": True,        # BatchNorm statistics over the global batch (False: per device)
+      "fully_sharded": False,  # shard parameters and optimizer state over devices as well
+      "num_devices": 0,        # 0: every device; n: the first n (one process only)
+  })
 
   c.batch_size = 128                # global batch, split over devices
   c.eval_batch_size = 1000

@@ -54,3 +54,23 @@ def initialize_distributed(environ=None) -> bool:
     jax.distributed.initialize()
     return True
   return False
+
+
+def state_shardings(state, mesh: Mesh, fully_sharded: bool = False):
+  """Shardings for a train state (any pytree of arrays or shape structs).
+
+  Replicated by default. ``fully_sharded``: every leaf is split along its largest axis that the
+  number of devices divides (ZeRO-3/FSDP-style; XLA gathers parameters where a step needs them),
+  and replicated when no axis divides — for models whose state does not fit on one device.
+  """
+  n = mesh.shape[DATA_AXIS]
+
+  def spec(leaf):
+    shape = tuple(getattr(leaf, "shape", ()))
+    if fully_sharded:
+      for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] >= n and shape[axis] % n == 0:
+          return NamedSharding(mesh, P(*([None] * axis + [DATA_AXIS])))
+    return replicated(mesh)
+
+  return jax.tree.map(spec, state)

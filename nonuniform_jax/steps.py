@@ -69,7 +69,8 @@ def _mean0(tree):
 
 
 def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: float = 0.0,
-                    passes: int = 1, groups: int = 1, bn_policy: str = "clean") -> Callable:
+                    passes: int = 1, groups: int = 1, grouped_perturbation: bool = False,
+                    bn_policy: str = "clean") -> Callable:
   """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
 
   Args:
@@ -78,8 +79,11 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
       update takes ``grad_fn`` (the gradient of the same minibatch loss at other parameters).
     seed: dropout keys are ``fold_in(key(seed), step)`` (one per step, shared by all passes).
     passes: gradient evaluations per step the transformation makes (1 plain, 2 SAM, 3 CSAM).
-    groups: number of m-sharpness groups (batch / m); with ``groups > 1`` the clean pass and
-      every perturbed pass are computed per group (vmapped) and ``tx`` is in grouped mode.
+    groups: the batch is split into this many equal groups, each forwarded on its own (vmapped):
+      BatchNorm normalises each group with its own statistics (per-device statistics, or
+      m-sharpness groups); running statistics are the mean of the groups'. 1: the whole batch.
+    grouped_perturbation: m-sharpness: each group is perturbed along its own gradient and ``tx``
+      is in grouped mode. Otherwise the groups' gradients are averaged first.
     bn_policy: 'clean' or 'every_pass'.
   """
   if bn_policy not in BN_POLICIES:
@@ -98,6 +102,8 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
                                                       gkeys)
       loss, stats = jnp.mean(losses), _mean0(stats)
       logits = logits.reshape((-1,) + logits.shape[2:])
+      if not grouped_perturbation:
+        grads = _mean0(grads)
     else:
       (loss, (logits, stats)), grads = value_and_grad(state.params, state.batch_stats, batch,
                                                       key)
@@ -115,9 +121,12 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
 
       def grad_fn(params):
         if groups > 1:
-          g, new_stats = jax.vmap(one_grad, in_axes=(0, None, 0, 0))(params, chain[-1], gbatch,
-                                                                    gkeys)
+          axis = 0 if grouped_perturbation else None
+          g, new_stats = jax.vmap(one_grad, in_axes=(axis, None, 0, 0))(params, chain[-1],
+                                                                       gbatch, gkeys)
           new_stats = _mean0(new_stats)
+          if not grouped_perturbation:
+            g = _mean0(g)
         else:
           g, new_stats = one_grad(params, chain[-1], batch, key)
         chain.append(new_stats)

@@ -43,7 +43,12 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
   (devices, per-device batch, m-sharpness groups). Raises ValueError with one line naming the
   bad value and the valid choices."""
   _choice("task", config.task, TASKS)
-  num_devices = jax.device_count()
+  num_devices = config.parallel.num_devices or jax.device_count()
+  if not 0 < num_devices <= jax.device_count() or (
+      jax.process_count() > 1 and num_devices != jax.device_count()):
+    raise ValueError(f"parallel.num_devices {config.parallel.num_devices!r} is not available: "
+                     f"choose 0 (all {jax.device_count()} devices)"
+                     + (f" or 1..{jax.device_count()}" if jax.process_count() == 1 else ""))
   data.check_args(config.dataset, batch_size=config.batch_size,
                   eval_batch_size=config.eval_batch_size,
                   num_train_examples=config.num_train_examples,
@@ -87,10 +92,15 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
       raise ValueError("sam.weight_decay_in_perturbation needs optimizer.weight_decay_mode "
                        f"'coupled', got {opt.weight_decay_mode!r}")
   m = config.batch_size if m == 0 else m
+  sam_groups = config.batch_size // m if opt.name in SAM_FAMILY else 1
+  bn_groups = 1 if config.parallel.bn_sync else num_devices
   return {"num_devices": num_devices, "num_processes": jax.process_count(),
           "global_batch": config.batch_size, "per_device_batch": per_device,
-          "sam_m": m if opt.name in SAM_FAMILY else None,
-          "sam_groups": config.batch_size // m if opt.name in SAM_FAMILY else 1}
+          "sam_m": m if opt.name in SAM_FAMILY else None, "sam_groups": sam_groups,
+          "forward_groups": max(sam_groups, bn_groups),
+          "bn_statistics": ("per m-sharpness group" if sam_groups > 1 else
+                            "per device" if bn_groups > 1 else "global batch"),
+          "fully_sharded": bool(config.parallel.fully_sharded)}
 
 
 def total_steps(config, num_train: int) -> int:
@@ -175,7 +185,7 @@ def _train(config, workdir: str, settings: dict) -> dict:
   model = models.get_model(model_cfg.pop("name"), ds.num_classes, **model_cfg)
   tx, schedule, passes, l2 = build_optimizer(config, num_steps)
 
-  mesh = parallel.data_mesh()
+  mesh = parallel.data_mesh(jax.devices()[:settings["num_devices"]])
   batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
 
   def init_state():
@@ -186,7 +196,9 @@ def _train(config, workdir: str, settings: dict) -> dict:
                             batch_stats=variables.get("batch_stats", {}),
                             opt_state=tx.init(params))
 
-  state = jax.jit(init_state, out_shardings=replicated)()
+  state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh,
+                                            config.parallel.fully_sharded)
+  state = jax.jit(init_state, out_shardings=state_sharding)()
   ckpt_dir = os.path.join(workdir if "://" in workdir else os.path.abspath(workdir),
                           wd.CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(
@@ -208,12 +220,12 @@ def _train(config, workdir: str, settings: dict) -> dict:
     writer.write_hparams({k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                           for k, v in wd.flatten(config.to_dict()).items()})
 
-  groups = settings["sam_groups"]
   train_step = jax.jit(
       steps.make_train_step(model, tx, seed=config.seed, label_smoothing=config.label_smoothing,
-                            l2=l2, passes=passes, groups=groups,
+                            l2=l2, passes=passes, groups=settings["forward_groups"],
+                            grouped_perturbation=settings["sam_groups"] > 1,
                             bn_policy=config.sam.bn_policy),
-      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=0)
   eval_step = jax.jit(steps.make_eval_step(model))
 

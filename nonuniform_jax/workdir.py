@@ -25,8 +25,9 @@ TIMING_FILE = "timing.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 
-# Settings that change how a run is shown, not what it computes; they may differ on a rerun.
-PRESENTATION_KEYS = ("progress", "overwrite")
+# Settings that may differ when a run is resumed: how it is shown, and how many devices run it
+# (a run preempted on 8 devices may continue on 1; results agree to float tolerance).
+PRESENTATION_KEYS = ("progress", "overwrite", "parallel.num_devices")
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "clu", "ml_collections",
             "tensorflow-datasets", "tensorflow-cpu", "numpy", "nonuniform_jax")

@@ -45,7 +45,8 @@ def run_step(model, batch, variables, *, groups=1, bn_policy="clean"):
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                            batch_stats=variables["batch_stats"],
                            opt_state=tx.init(variables["params"]))
-  step = steps.make_train_step(model, tx, seed=0, passes=2, groups=groups, bn_policy=bn_policy)
+  step = steps.make_train_step(model, tx, seed=0, passes=2, groups=groups,
+                               grouped_perturbation=groups > 1, bn_policy=bn_policy)
   return jax.jit(step)(state, batch)[0]
 
 
@@ -121,6 +122,7 @@ def test_one_forward_pass_per_gradient_evaluation(passes, groups):
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                            batch_stats=variables["batch_stats"],
                            opt_state=tx.init(variables["params"]))
-  step = steps.make_train_step(counting, tx, seed=0, passes=passes, groups=groups)
+  step = steps.make_train_step(counting, tx, seed=0, passes=passes, groups=groups,
+                               grouped_perturbation=groups > 1)
   jax.jit(step).lower(state, batch)
   assert len(calls) == passes

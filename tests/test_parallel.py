@@ -1,0 +1,100 @@
+"""Data-parallel training on 8 simulated CPU devices equals 1 device (same global batch and m),
+a checkpoint written on 8 devices resumes on 1, and mismatched batches fail clearly.
+
+The checks need 8 devices, which XLA only simulates when told before JAX starts, so the test
+that runs in the ordinary suite starts this file again in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests.test_train import final_params, read_lines, small_config
+from nonuniform_jax import data, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="runs in the 8-device subprocess")
+
+
+def test_on_8_simulated_devices():
+  if jax.device_count() >= 8:
+    pytest.skip("this is the subprocess")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "PYTHONPATH": str(ROOT)}
+  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           __file__], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+  assert " passed" in result.stdout and "skipped" in result.stdout
+
+
+def _config(**overrides):
+  return small_config(num_steps=10, log_every=5, eval_every=10, checkpoint_every=5,
+                      **overrides)
+
+
+def _assert_same_run(dir_a, dir_b, rtol):
+  a, b = read_lines(dir_a / "metrics.jsonl"), read_lines(dir_b / "metrics.jsonl")
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    for key in ra:
+      np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, atol=1e-6, err_msg=key)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6),
+               final_params(str(dir_a)), final_params(str(dir_b)))
+
+
+@needs_8
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"optimizer.name": "sam", "sam.rho": 0.1, "sam.m": 16},
+    {"parallel.fully_sharded": True, "optimizer.name": "asam", "sam.rho": 0.5},
+], ids=["sgd", "sam-m16", "asam-fully-sharded"])
+def test_eight_devices_equal_one(overrides, tmp_path):
+  one = train.train_and_evaluate(_config(**overrides, **{"parallel.num_devices": 1}),
+                                 str(tmp_path / "one"))
+  eight = train.train_and_evaluate(_config(**overrides), str(tmp_path / "eight"))
+  assert one["settings"]["num_devices"] == 1 and eight["settings"]["num_devices"] == 8
+  assert eight["settings"]["per_device_batch"] == 16
+  assert eight["settings"]["sam_m"] == one["settings"]["sam_m"]
+  _assert_same_run(tmp_path / "one", tmp_path / "eight", rtol=2e-4)
+
+
+@needs_8
+def test_checkpoint_from_8_devices_resumes_on_1(tmp_path, monkeypatch):
+  reference = tmp_path / "reference"
+  train.train_and_evaluate(_config(**{"parallel.num_devices": 1}), str(reference))
+  real_prefetch = data.prefetch_to_device
+
+  def crashing_prefetch(iterator, size, sharding):
+    for i, batch in enumerate(real_prefetch(iterator, size, sharding)):
+      if i == 7 and "mask" not in batch:   # after the step-5 checkpoint
+        raise KeyboardInterrupt("simulated preemption")
+      yield batch
+
+  monkeypatch.setattr(data, "prefetch_to_device", crashing_prefetch)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(_config(), str(tmp_path / "moved"))
+  monkeypatch.setattr(data, "prefetch_to_device", real_prefetch)
+  summary = train.train_and_evaluate(_config(**{"parallel.num_devices": 1}),
+                                     str(tmp_path / "moved"))
+  assert summary["status"] == "completed" and summary["settings"]["num_devices"] == 1
+  _assert_same_run(reference, tmp_path / "moved", rtol=2e-4)
+
+
+@needs_8
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 100}, "batch_size 100 is not divisible by the 8 devices"),
+    ({"optimizer.name": "sam", "sam.m": 32},
+     "sam.m 32 must divide the per-device batch 16 (batch_size 128 over 8 devices)"),
+    ({"parallel.num_devices": 9}, "parallel.num_devices 9 is not available"),
+])
+def test_mismatched_batch_or_m_is_a_clear_error(overrides, message, tmp_path):
+  with pytest.raises(ValueError, match=None) as info:
+    train.train_and_evaluate(_config(**overrides), str(tmp_path))
+  assert message in str(info.value)
