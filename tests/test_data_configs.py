@@ -1,0 +1,70 @@
+"""The dataset configs: they load from any directory, in every variant, and pass the trainer's checks."""
+
+import pathlib
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+from nonuniform_jax import train
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# file -> (variants to load, dataset, model of the full config)
+DATASET_CONFIGS = {
+    "mnist_mlp": (("", "laptop"), "mnist", "paper_mlp"),
+    "cifar10_resnet20": (("", "laptop"), "cifar10", "resnet20"),
+    "cifar10_resnet56": (("", "laptop"), "cifar10", "resnet56"),
+    "cifar10_wrn28_6": (("", "laptop"), "cifar10", "wrn28_6"),
+    "cifar100_wrn28_6": (("", "laptop"), "cifar100", "wrn28_6"),
+    "cifar100_wrn28_10": (("", "laptop"), "cifar100", "wrn28_10"),
+    "imagenet_resnet50": (("", "laptop"), "imagenet2012", "resnet50"),
+    "food101_resnet50": (("", "laptop"), "food101", "resnet50"),
+    "food101_vit": (("", "laptop"), "food101", "vit_small"),
+    "cifar10_label_noise": (("", "symmetric,0.8", "asymmetric,0.4,laptop"), "cifar10", "resnet32"),
+}
+
+
+def load(name, variant, monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)                     # loading must not depend on the cwd
+  path = CONFIGS / f"{name}.py"
+  return runpy.run_path(str(path))["get_config"](*([variant] if variant else []))
+
+
+@pytest.mark.parametrize("name", sorted(DATASET_CONFIGS))
+def test_config_loads_and_passes_checks(name, monkeypatch, tmp_path):
+  variants, dataset, model = DATASET_CONFIGS[name]
+  for variant in variants:
+    config = load(name, variant, monkeypatch, tmp_path)
+    assert config.dataset == dataset
+    if not variant:
+      assert config.model.name == model
+    if "laptop" in variant:
+      assert 0 < config.num_steps <= 200 and config.num_train_examples > 0
+    train.check_config(config)
+    doc = (CONFIGS / f"{name}.py").read_text().split('"""')[1]
+    assert f"--config configs/{name}.py" in doc and "laptop" in doc
+
+
+def test_paper_cifar_setting(monkeypatch, tmp_path):
+  c = load("cifar10_wrn28_6", "", monkeypatch, tmp_path)
+  assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.momentum,
+          c.optimizer.weight_decay, c.schedule.name, c.batch_size, c.num_epochs,
+          c.label_smoothing, c.augment) == ("sgd", 0.1, 0.9, 5e-4, "cosine", 128, 200.0, 0.1, True)
+  noisy = load("cifar10_label_noise", "asymmetric,0.4", monkeypatch, tmp_path)
+  assert (noisy.label_noise.kind, noisy.label_noise.rate) == ("asymmetric", 0.4)
+  with pytest.raises(ValueError, match="unknown config variant"):
+    load("cifar10_resnet20", "laptp", monkeypatch, tmp_path)
+  with pytest.raises(ValueError, match="more than one"):
+    load("cifar10_label_noise", "symmetric,0.2,0.4", monkeypatch, tmp_path)
+
+
+def test_command_line_config_string(tmp_path):
+  """The ``file.py:variant`` form of the docstrings, parsed by ml_collections' flag, from /."""
+  code = ("from absl import flags; from ml_collections import config_flags; "
+          "c = config_flags.DEFINE_config_file('config'); "
+          f"flags.FLAGS(['x', '--config={CONFIGS}/cifar10_label_noise.py:symmetric,0.6,laptop']); "
+          "print(c.value.label_noise.rate, c.value.num_steps)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd="/")
+  assert out.stdout.split() == ["0.6", "200"]
