@@ -1,0 +1,459 @@
+"""Kronecker-factored second moment of per-example gradients (K-FAC factors), from one pass.
+
+Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate Curvature"
+(ICML 2015); Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for convolution
+layers" (ICML 2016); used by the paper's CSAM ("Kronecker-factored approximate variance").
+
+Captures (``nonuniform_jax.models.layers``): for a layer with stacked parameters
+D = [kernel.reshape(K, F); bias] ∈ R^{K̄×F}, example i and location t (conv output position or
+token; T = 1 for a plain Dense layer), x̄_{i,t} ∈ R^{K̄} is the input (patch) with a trailing 1
+when the layer has a bias and s_{i,t} = ∂ℓ_i/∂y_{i,t} ∈ R^F. Exactly::
+
+    ∇D_i  = Σ_t x̄_{i,t} s_{i,t}ᵀ                         per-example gradient of ℓ_i
+    ‖∇D_i‖² = Σ_{t,t'} (x̄_{i,t}·x̄_{i,t'}) (s_{i,t}·s_{i,t'})    (= ‖x̄_i‖²‖s_i‖² when T = 1)
+
+Factors, with B examples (normalisation of Grosse & Martens: A sums over locations, G averages)::
+
+    A = (1/B) Σ_i Σ_t x̄_{i,t} x̄_{i,t}ᵀ,     G = (1/(B·T)) Σ_i Σ_t s_{i,t} s_{i,t}ᵀ
+    F_layer = E_i[vec(∇D_i) vec(∇D_i)ᵀ] ≈ G ⊗ A       (column-major vec, i.e. vec(D) = Dᵀ.ravel())
+
+The approximation is K-FAC's E[ssᵀ ⊗ x̄x̄ᵀ] ≈ E[ssᵀ] ⊗ E[x̄x̄ᵀ] (exact for a single example
+with T = 1; for B > 1 examples G ⊗ A = (1/B²) Σ_{i,j} s_i s_iᵀ ⊗ x̄_j x̄_jᵀ, not the second
+moment) and, with T > 1, uncorrelated locations (Grosse & Martens' IAD/SUD; for ViT tokens the
+"expand" setting of Eschenhagen et al., NeurIPS 2023: tokens as extra examples, where any split of
+the scalar T between A and G gives the same G ⊗ A). Under those assumptions
+G ⊗ A = T · E_{i,t}[ssᵀ] ⊗ E_{i,t}[x̄x̄ᵀ]. Exact per-example quantities (norms, traces) are
+computed from the captures directly, never from the factors.
+
+Layers are named by their module path joined with '/', e.g. ``'Dense_0'`` or
+``'Block_1/Conv_0'``; parameter trees are Flax nested dicts.
+"""
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from jax import lax
+
+from nonuniform_jax.models.layers import INPUTS, OUTPUTS
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+class LayerCapture(NamedTuple):
+  """What one pass captures for one layer: inputs x̄ [B, T, K̄] and output grads s [B, T, F]."""
+  inputs: jax.Array
+  out_grads: jax.Array
+
+
+class Factors(NamedTuple):
+  """Kronecker factors of one layer: a = A [K̄, K̄], g = G [F, F]."""
+  a: jax.Array
+  g: jax.Array
+
+
+class Eigen(NamedTuple):
+  """Eigendecompositions A = qa diag(la) qaᵀ, G = qg diag(lg) qgᵀ (eigenvalues clipped at 0)."""
+  qa: jax.Array
+  la: jax.Array
+  qg: jax.Array
+  lg: jax.Array
+
+
+class Captured(NamedTuple):
+  """Result of ``loss_grad_and_captures``: mean loss, its gradient, ``{layer: LayerCapture}``
+  and the loss function's aux (None without ``has_aux``)."""
+  loss: jax.Array
+  grads: Any
+  captures: dict
+  aux: Any
+
+
+class Factored(NamedTuple):
+  """Result of ``loss_grad_and_factors``: mean loss, its gradient, ``{layer: Factors}`` of the
+  batch (zeros when not due) and aux."""
+  loss: jax.Array
+  grads: Any
+  factors: dict
+  aux: Any
+
+
+class KFACState(NamedTuple):
+  """Running Kronecker factors (EMA) and their eigendecompositions.
+
+  step: number of ``update_state`` calls so far (int32).
+  factors: ``{layer: Factors}``, the exponential moving average.
+  eigen: ``{layer: Eigen}`` of ``factors`` at the last inverse refresh.
+  stats_due: whether the next ``update_state`` refreshes the statistics (so the caller knows
+    whether to capture in the clean pass: see ``stats_due`` and ``loss_grad_and_factors``).
+  """
+  step: jax.Array
+  factors: dict
+  eigen: dict
+  stats_due: jax.Array
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+def _key(name: str, leaf: str) -> str:
+  """'/'-joined path of a variable of layer ``name`` ('' is a model that is itself the layer)."""
+  return f"{name}/{leaf}" if name else leaf
+
+
+def _layer_of(key: str, leaf: str) -> str | None:
+  if key == leaf:
+    return ""
+  return key[:-len(leaf) - 1] if key.endswith("/" + leaf) else None
+
+
+def layer_names(perturbations) -> list[str]:
+  """The captured layers of a model, from its ``'perturbations'`` collection."""
+  flat = traverse_util.flatten_dict(perturbations, sep="/")
+  return sorted(n for n in (_layer_of(k, OUTPUTS) for k in flat) if n is not None)
+
+
+def _captures(kfac_collection, perturbation_grads) -> dict:
+  inputs = traverse_util.flatten_dict(kfac_collection, sep="/")
+  outputs = traverse_util.flatten_dict(perturbation_grads, sep="/")
+  names = layer_names(perturbation_grads)
+  missing = sorted(set(names) ^ {_layer_of(k, INPUTS) for k in inputs})
+  if missing:
+    raise ValueError(f"layers {missing} have a perturbation but no sown input or vice versa: "
+                     "apply the model with the perturbations and mutable=['kfac']")
+  captures = {}
+  for name in names:
+    s = outputs[_key(name, OUTPUTS)]
+    captures[name] = LayerCapture(inputs[_key(name, INPUTS)],
+                                  s.reshape(s.shape[0], -1, s.shape[-1]))
+  return captures
+
+
+def loss_grad_and_captures(per_example_loss_fn: Callable, params, perturbations, *args,
+                           has_aux: bool = False) -> Captured:
+  """Mean loss, its parameter gradient and the per-layer captures, in ONE forward+backward.
+
+  ``per_example_loss_fn(params, perturbations, *args)`` returns ``(losses, kfac)`` (or
+  ``(losses, kfac, aux)`` with ``has_aux``) where ``losses`` [B] are the per-example losses ℓ_i
+  and ``kfac`` is the ``'kfac'`` collection of a model applied with the perturbations in its
+  variables and ``mutable=['kfac', ...]``. The gradient of Σ_i ℓ_i with respect to the
+  perturbations gives s_i; ``grads`` is the gradient of the mean (1/B) Σ_i ℓ_i.
+
+  With train-mode BatchNorm the examples interact, and s_i is row i of the batch gradient
+  (what autograd hooks give), not a per-example gradient; Σ_i ∇D_i is still the batch gradient.
+
+  Example::
+
+    import jax, jax.numpy as jnp, optax
+    from nonuniform_jax import models
+    from nonuniform_jax.models.layers import zero_perturbations
+    from nonuniform_jax.optim import kfac
+
+    model = models.get_model('mlp', 10)
+    x, y = jnp.ones((8, 40)), jnp.arange(8) % 10
+    params = model.init(jax.random.key(0), x)['params']
+    perts = zero_perturbations(model, {'params': params}, x)
+
+    def per_example_loss(params, perts, x, y):
+      logits, state = model.apply({'params': params, 'perturbations': perts}, x,
+                                  mutable=['kfac'])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y), state['kfac']
+
+    out = kfac.loss_grad_and_captures(per_example_loss, params, perts, x, y)
+    norms = kfac.per_example_sq_norms(out.captures)   # {'Dense_0': [8], ...}
+  """
+  def total(p, q):
+    out = per_example_loss_fn(p, q, *args)
+    losses, kfac_collection, aux = out if has_aux else (*out, None)
+    return jnp.sum(losses), (losses, kfac_collection, aux)
+
+  (_, (losses, kfac_collection, aux)), (grads, pert_grads) = jax.value_and_grad(
+      total, argnums=(0, 1), has_aux=True)(params, perturbations)
+  b = losses.shape[0]
+  grads = jax.tree.map(lambda g: g / b, grads)
+  return Captured(jnp.mean(losses), grads, _captures(kfac_collection, pert_grads), aux)
+
+
+def loss_grad_and_factors(per_example_loss_fn: Callable, params, perturbations, *args,
+                          due, has_aux: bool = False) -> Factored:
+  """Like ``loss_grad_and_captures`` but returns the batch ``Factors`` instead of the raw
+  captures, and only computes them when ``due`` (a bool or a traced bool, e.g.
+  ``stats_due(opt_state)``): otherwise (``lax.cond``) it is a plain forward+backward (the sown
+  patches and output gradients are dead code) and the factors are zeros. This is the cheap way
+  to feed CSAM/GAM with ``metric='kfac'``: statistics cost nothing on steps that do not refresh.
+  Under ``vmap`` a traced ``due`` becomes a select and both branches run.
+  """
+  def captured(p):
+    out = loss_grad_and_captures(per_example_loss_fn, p, perturbations, *args, has_aux=has_aux)
+    return Factored(out.loss, out.grads, batch_factors(out.captures), out.aux)
+
+  def plain(p):
+    zeros = jax.tree.map(jnp.zeros_like, perturbations)
+    def mean_loss(p):
+      out = per_example_loss_fn(p, zeros, *args)
+      return jnp.mean(out[0]), out[2] if has_aux else None
+    (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(p)
+    shapes = jax.eval_shape(captured, p).factors
+    return Factored(loss, grads, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                    aux)
+
+  if isinstance(due, bool):
+    return captured(params) if due else plain(params)
+  return lax.cond(due, captured, plain, params)
+
+
+# ------------------------------------------------------------- exact per-example quantities
+
+
+def per_example_grads(captures) -> dict:
+  """``{layer: [B, K̄, F]}``: ∇D_i = Σ_t x̄_{i,t} s_{i,t}ᵀ (rows: kernel.reshape(K, F), then
+  the bias)."""
+  return {name: jnp.einsum("btk,btf->bkf", c.inputs, c.out_grads, precision=HIGHEST)
+          for name, c in captures.items()}
+
+
+def per_example_sq_norms(captures) -> dict:
+  """``{layer: [B]}``: exact ‖∇D_i‖² of each layer's parameters (kernel and bias) per example.
+
+  T = 1: ‖x̄_i‖²‖s_i‖². T > 1: the Gram form Σ_{t,t'} (x̄_t·x̄_t')(s_t·s_t') when cheaper
+  (T·(K̄+F) ≤ K̄·F), else ‖Σ_t x̄_t s_tᵀ‖²_F; both are exact.
+  """
+  norms = {}
+  for name, c in captures.items():
+    _, t, k = c.inputs.shape
+    f = c.out_grads.shape[-1]
+    if t * (k + f) <= k * f:
+      xx = jnp.einsum("btk,buk->btu", c.inputs, c.inputs, precision=HIGHEST)
+      ss = jnp.einsum("btf,buf->btu", c.out_grads, c.out_grads, precision=HIGHEST)
+      norms[name] = jnp.sum(xx * ss, axis=(1, 2))
+    else:
+      norms[name] = jnp.sum(per_example_grads({name: c})[name] ** 2, axis=(1, 2))
+  return norms
+
+
+def mean_grads(captures) -> dict:
+  """``{layer: [K̄, F]}``: the mean-loss gradient (1/B) Σ_i ∇D_i."""
+  return {name: jnp.einsum("btk,btf->kf", c.inputs, c.out_grads, precision=HIGHEST)
+          / c.inputs.shape[0] for name, c in captures.items()}
+
+
+class Traces(NamedTuple):
+  """Per-layer traces of the per-example gradient second moment and covariance over the B
+  examples of the captures (means with 1/B, no Bessel correction).
+
+  kfac_uncentred: tr(G ⊗ A) = tr A · tr G of the batch factors (the K-FAC approximation).
+  kfac_centred: tr(G ⊗ A) − ‖∇D̄‖².
+  uncentred: exact E_i ‖∇D_i‖².
+  centred: exact tr Σ_layer = E_i ‖∇D_i‖² − ‖∇D̄‖², ∇D̄ = E_i ∇D_i.
+  """
+  kfac_uncentred: jax.Array
+  kfac_centred: jax.Array
+  uncentred: jax.Array
+  centred: jax.Array
+
+
+def traces(captures) -> dict:
+  """``{layer: Traces}`` over the B examples of the captures (see ``Traces``)."""
+  norms, means, factors = per_example_sq_norms(captures), mean_grads(captures), batch_factors(
+      captures)
+  out = {}
+  for name in captures:
+    kfac_trace = jnp.trace(factors[name].a) * jnp.trace(factors[name].g)
+    mean_sq = jnp.sum(means[name] ** 2)
+    second = jnp.mean(norms[name])
+    out[name] = Traces(kfac_trace, kfac_trace - mean_sq, second, second - mean_sq)
+  return out
+
+
+# ---------------------------------------------------------------------------- factors
+
+
+def batch_factors(captures) -> dict:
+  """``{layer: Factors}`` of a batch: A = (1/B) Σ_{i,t} x̄x̄ᵀ, G = (1/(B·T)) Σ_{i,t} ssᵀ."""
+  out = {}
+  for name, c in captures.items():
+    b, t, _ = c.inputs.shape
+    out[name] = Factors(
+        jnp.einsum("btk,btl->kl", c.inputs, c.inputs, precision=HIGHEST) / b,
+        jnp.einsum("btf,btg->fg", c.out_grads, c.out_grads, precision=HIGHEST) / (b * t))
+  return out
+
+
+def effective_rank(factors) -> dict:
+  """``{layer: scalar}``: tr(G⊗A)² / ‖G⊗A‖_F² = [(tr A)²/‖A‖_F²]·[(tr G)²/‖G‖_F²]."""
+  def rank(m):
+    return jnp.trace(m) ** 2 / jnp.sum(m ** 2)
+  return {name: rank(f.a) * rank(f.g) for name, f in factors.items()}
+
+
+def eigen(factors) -> dict:
+  """``{layer: Eigen}`` of ``{layer: Factors}`` (symmetric eigendecomposition, λ ≥ 0)."""
+  def decompose(m):
+    lam, q = jnp.linalg.eigh(m)
+    return q, jnp.maximum(lam, 0.0)
+  return {name: Eigen(*decompose(f.a), *decompose(f.g)) for name, f in factors.items()}
+
+
+def apply_inverse(eigens, mats, damping: float) -> dict:
+  """``{layer: [K̄, F]}``: (G ⊗ A + λI)⁻¹ vec(D) for each layer matrix D, as a matrix::
+
+      Q_A [ (Q_Aᵀ D Q_G) ⊘ (λ_A λ_Gᵀ + λ) ] Q_Gᵀ
+  """
+  out = {}
+  for name, d in mats.items():
+    e = eigens[name]
+    rotated = jnp.linalg.multi_dot([e.qa.T, d, e.qg], precision=HIGHEST)
+    scaled = rotated / (e.la[:, None] * e.lg[None, :] + damping)
+    out[name] = jnp.linalg.multi_dot([e.qa, scaled, e.qg.T], precision=HIGHEST)
+  return out
+
+
+def sample(eigens, key) -> dict:
+  """``{layer: [K̄, F]}`` with vec(X) ~ N(0, G ⊗ A): X = Q_A Λ_A^{1/2} Z Λ_G^{1/2} Q_Gᵀ, Z standard
+  normal (any square roots give the same law as A^{1/2} Z G^{1/2})."""
+  keys = jax.random.split(key, len(eigens))
+  out = {}
+  for k, (name, e) in zip(keys, sorted(eigens.items())):
+    z = jax.random.normal(k, (e.la.shape[0], e.lg.shape[0]), e.la.dtype)
+    scaled = jnp.sqrt(e.la)[:, None] * z * jnp.sqrt(e.lg)[None, :]
+    out[name] = jnp.linalg.multi_dot([e.qa, scaled, e.qg.T], precision=HIGHEST)
+  return out
+
+
+# ------------------------------------------------------------------ parameter pytrees
+
+
+def _layer_params(tree, name: str):
+  sub = tree
+  for key in name.split("/") if name else ():
+    if key not in sub:
+      raise ValueError(f"layer {name!r} has no parameters in this tree (missing {key!r})")
+    sub = sub[key]
+  return sub
+
+
+def to_layer_matrices(tree, layers) -> dict:
+  """``{layer: [K̄, F]}``: each layer's [kernel.reshape(K, F); bias] from a tree shaped like the
+  parameters."""
+  out = {}
+  for name in layers:
+    sub = _layer_params(tree, name)
+    kernel = sub["kernel"]
+    mat = kernel.reshape(-1, kernel.shape[-1])
+    out[name] = jnp.concatenate([mat, sub["bias"][None]], 0) if "bias" in sub else mat
+  return out
+
+
+def from_layer_matrices(mats, fill):
+  """A tree like ``fill`` with each layer's kernel (and bias) replaced from ``mats``."""
+  flat = traverse_util.flatten_dict(fill, sep="/")
+  for name, mat in mats.items():
+    kernel = flat[_key(name, "kernel")]
+    k = math.prod(kernel.shape[:-1])
+    flat[_key(name, "kernel")] = mat[:k].reshape(kernel.shape)
+    if _key(name, "bias") in flat:
+      flat[_key(name, "bias")] = mat[k]
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def covered(params, layers):
+  """A tree like ``params`` of Python bools: True on the kernels and biases of ``layers`` (the
+  parameters the captures and factors describe); the caller falls back on the others."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  names = set()
+  for name in layers:
+    _layer_params(params, name)
+    names.update(k for k in (_key(name, "kernel"), _key(name, "bias")) if k in flat)
+  return traverse_util.unflatten_dict({k: k in names for k in flat}, sep="/")
+
+
+def layer_dims(params, layers) -> dict:
+  """``{layer: (K̄, F)}`` from the parameter shapes."""
+  out = {}
+  for name in layers:
+    sub = _layer_params(params, name)
+    kernel = sub["kernel"]
+    out[name] = (math.prod(kernel.shape[:-1]) + ("bias" in sub), kernel.shape[-1])
+  return out
+
+
+UNFACTORED = ("zero", "identity")
+
+
+def precondition(tree, eigens, damping: float, unfactored: str = "zero"):
+  """v = (F + λI)⁻¹ tree on the factored layers (``apply_inverse``); on the other parameters
+  v = 0 (``unfactored='zero'``) or v = tree (``'identity'``: the metric there is I)."""
+  if unfactored not in UNFACTORED:
+    raise ValueError(f"unfactored must be one of {UNFACTORED}, got {unfactored!r}")
+  mats = apply_inverse(eigens, to_layer_matrices(tree, eigens), damping)
+  fill = tree if unfactored == "identity" else jax.tree.map(jnp.zeros_like, tree)
+  return from_layer_matrices(mats, fill)
+
+
+# -------------------------------------------------------------------------- EMA state
+
+
+def init_state(params, layers) -> KFACState:
+  """Zero factors for ``layers`` (see ``layer_names``) of ``params``; the first
+  ``update_state`` (step 0) always refreshes both statistics and inverse."""
+  dims = layer_dims(params, layers)
+  dtype = jnp.result_type(*jax.tree.leaves(params))
+  factors = {n: Factors(jnp.zeros((k, k), dtype), jnp.zeros((f, f), dtype))
+             for n, (k, f) in dims.items()}
+  eigens = {n: Eigen(jnp.eye(k, dtype=dtype), jnp.zeros(k, dtype), jnp.eye(f, dtype=dtype),
+                     jnp.zeros(f, dtype)) for n, (k, f) in dims.items()}
+  return KFACState(jnp.zeros((), jnp.int32), factors, eigens, jnp.array(True))
+
+
+def validate_settings(*, damping: float, unfactored: str, layers, ema_decay: float,
+                      stats_every: int, inverse_every: int) -> None:
+  """Raises ValueError on a bad K-FAC setting (before anything is traced)."""
+  if not damping > 0:
+    raise ValueError(f"damping must be > 0, got {damping!r}")
+  if unfactored not in UNFACTORED:
+    raise ValueError(f"unfactored must be one of {UNFACTORED}, got {unfactored!r}")
+  if not layers or isinstance(layers, str):
+    raise ValueError(f"kfac_layers must be a non-empty sequence of layer names (see "
+                     f"kfac.layer_names), got {layers!r}")
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+  for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every)):
+    if not (isinstance(value, int) and value >= 1):
+      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def update_state(state: KFACState, batch, *, ema_decay: float, stats_every: int,
+                 inverse_every: int) -> KFACState:
+  """One step of the factor schedule (pure; ``lax.cond`` so nothing recompiles).
+
+  On steps with step % stats_every == 0: factors ← decay·factors + (1 − decay)·batch, except at
+  step 0 where factors ← batch **[ours]** (no bias towards the zero start). ``batch`` is ignored
+  on the other steps (zeros are fine there). Then, on steps with step % inverse_every == 0, the
+  eigendecompositions are recomputed from the updated factors.
+  """
+  if set(batch) != set(state.factors):
+    raise ValueError(f"batch factors for layers {sorted(batch)} do not match the state's "
+                     f"layers {sorted(state.factors)}")
+  step = state.step
+  decay = jnp.where(step == 0, 0.0, ema_decay)
+
+  def ema(factors):
+    return jax.tree.map(lambda old, new: decay * old + (1.0 - decay) * new, factors, batch)
+
+  factors = lax.cond(step % stats_every == 0, ema, lambda f: f, state.factors)
+  eigens = lax.cond(step % inverse_every == 0, eigen, lambda _: state.eigen, factors)
+  nxt = step + 1
+  return KFACState(nxt, factors, eigens, nxt % stats_every == 0)
+
+
+def stats_due(opt_state) -> jax.Array:
+  """Whether the optimizer holding the one ``KFACState`` inside ``opt_state`` (CSAM or GAM with
+  ``metric='kfac'``, anywhere in an ``optax.chain``) refreshes its statistics on its next
+  update: pass it as ``due`` to ``loss_grad_and_factors``."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, KFACState))
+           if isinstance(s, KFACState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one KFACState in the optimizer state, found {len(found)}")
+  return found[0].stats_due
