@@ -58,6 +58,24 @@ def get_config() -> ml_collections.ConfigDict:
       "bn_policy": "clean",             # clean (running stats from the clean pass) | every_pass
       "weight_decay_in_perturbation": False,
   })
+  # CSAM / NonuniformSAM (optimizer.name 'csam' or 'nonuniform_sam'): algorithms.md §3.
+  c.csam = ml_collections.ConfigDict({
+      "rho1": 0.1,
+      "rho2": 0.2,
+      "alpha": 0.9,
+      "metric": "identity",             # identity | adaptive | kfac
+      "momentum_sign": -1,              # -1: d = δ − m; +1: δ + m (the authors' K-FAC class)
+  })
+  # Kronecker factors (CSAM's 'kfac' metric and GAM, whose radius is sam.rho).
+  c.kfac = ml_collections.ConfigDict({
+      "damping": 1e-3,
+      "stats_every": 50,
+      "inverse_every": 50,
+      "ema_decay": 0.95,
+      "unfactored": "zero",             # parameters without factors: zero (unperturbed) | identity
+  })
+  c.sam_gcm = ml_collections.ConfigDict({"rho": 5e-4, "xi": 1e-6, "max_params": 1_000_000})
+  c.cov = ml_collections.ConfigDict({"lam": 0.3})
   c.label_smoothing = 0.0
   # Devices: the batch is split over every device of every process (data parallelism).
   c.parallel = ml_collections.ConfigDict({
@@ -65,6 +83,33 @@ def get_config() -> ml_collections.ConfigDict:
       "fully_sharded": False,  # shard parameters and optimizer state over devices as well
       "num_devices": 0,        # 0: every device; n: the first n (one process only)
   })
+
+  # Sharpness and nonuniformity measures, computed every `every_steps` (0: only at the end) on
+  # the first `num_examples` of the fixed training subset, with BatchNorm in `bn_mode`
+  # ('running' averages or each 'batch''s own statistics). Names: nonuniform_jax.evaluators.
+  c.measures = ml_collections.ConfigDict({
+      "names": (),
+      "every_steps": 0,
+      "num_examples": 1024,
+      "batch_size": 256,
+      "bn_mode": "running",
+      "seed": 0,
+      "settings": {
+          "lambda_max": {"num_iters": 100, "tol": 1e-3},
+          "top_eigenvalues": {"k": 5, "num_iters": 100, "tol": 1e-3},
+          "hessian_trace": {"num_probes": 100},
+          "hessian_esd": {"num_iters": 50, "num_probes": 5},
+          "sam_sharpness": {"rho": 0.05},
+          "worst_case_sharpness": {"rho": 0.05, "p": 2, "adaptive": False},
+          "average_sharpness": {"rho": 0.05, "adaptive": False},
+          "pacbayes_flatness": {"target": 0.1, "magnitude_aware": False},
+          "gradient_noise": {"chunk_size": 64},
+          "batch_gradient_noise": {"batch_size": 128},
+          "wu_nonuniformity": {"num_iters": 100},
+          "kfac_structure": {},
+      },
+  })
+  c.measure_nonuniformity = False    # adds the standard nonuniformity set to measures.names
 
   c.batch_size = 128                # global batch, split over devices
   c.eval_batch_size = 1000

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's start-up notices
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,14 +21,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def quiet_logs() -> None:
+  """JAX reports at INFO each accelerator backend it does not find, Orbax and CLU every save
+  and scalar; the progress bar and the workdir's files already say what matters."""
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # JAX reports at INFO each accelerator backend it does not find; that is not news here.
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  # Orbax and CLU report every save and scalar through absl at INFO; the progress bar and
-  # metrics.jsonl already say it.
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  quiet_logs()
   from nonuniform_jax import parallel, train  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed()
   try:

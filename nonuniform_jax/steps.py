@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nonuniform_jax.models import layers
+from nonuniform_jax.optim import kfac
+
 BN_POLICIES = ("clean", "every_pass")
 
 
@@ -70,7 +73,7 @@ def _mean0(tree):
 
 def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: float = 0.0,
                     passes: int = 1, groups: int = 1, grouped_perturbation: bool = False,
-                    bn_policy: str = "clean") -> Callable:
+                    bn_policy: str = "clean", extra_args: tuple[str, ...] = ()) -> Callable:
   """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
 
   Args:
@@ -85,7 +88,16 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
     grouped_perturbation: m-sharpness: each group is perturbed along its own gradient and ``tx``
       is in grouped mode. Otherwise the groups' gradients are averaged first.
     bn_policy: 'clean' or 'every_pass'.
+    extra_args: what else ``tx.update`` needs from the step, from ``EXTRA_ARGS``:
+      'kfac_factors' (CSAM's K-FAC metric, GAM: the clean pass also captures the layer
+      statistics, in the same forward and backward, on the steps that refresh them),
+      'per_example_grads' (SAM-GCM), 'per_example_loss_fn' (COV, with 'batch').
   """
+  unknown = set(extra_args) - set(EXTRA_ARGS)
+  if unknown:
+    raise ValueError(f"unknown extra_args {sorted(unknown)}; choose from {list(EXTRA_ARGS)}")
+  if extra_args and groups > 1:
+    raise ValueError(f"{list(extra_args)} need the whole batch in one group, got {groups}")
   if bn_policy not in BN_POLICIES:
     raise ValueError(f"unknown bn_policy {bn_policy!r}; choose one of {list(BN_POLICIES)}")
   loss_fn = make_loss_fn(model, label_smoothing=label_smoothing, l2=l2)
@@ -104,10 +116,29 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
       logits = logits.reshape((-1,) + logits.shape[2:])
       if not grouped_perturbation:
         grads = _mean0(grads)
+    elif "kfac_factors" in extra_args:
+      out = kfac.loss_grad_and_factors(
+          _capturing_loss(model, label_smoothing, l2), state.params,
+          _zero_perturbations(model, state, batch, key), state.batch_stats, batch, key,
+          due=kfac.stats_due(state.opt_state), has_aux=True)
+      loss, grads, (logits, stats) = out.loss, out.grads, out.aux
     else:
       (loss, (logits, stats)), grads = value_and_grad(state.params, state.batch_stats, batch,
                                                       key)
     extra = {}
+    if "kfac_factors" in extra_args:
+      extra["kfac_factors"] = out.factors
+    # Per-example losses: each example on its own (models without BatchNorm, whose examples
+    # do not interact).
+    def example_loss(params, example):
+      return loss_fn(params, state.batch_stats, jax.tree.map(lambda x: x[None], example), key)[0]
+
+    if "per_example_grads" in extra_args:
+      extra["per_example_grads"] = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(
+          state.params, batch)
+    if "per_example_loss_fn" in extra_args:
+      extra["per_example_loss_fn"] = jax.vmap(example_loss, in_axes=(None, 0))
+      extra["batch"] = batch
     if passes > 1:
       # Perturbed passes: BatchNorm normalises with the batch's own statistics in every pass;
       # only the running averages differ by policy. Under 'every_pass' each pass starts from the
@@ -143,6 +174,34 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
     return new_state, {"train_loss": loss, "train_accuracy": accuracy}
 
   return train_step
+
+
+EXTRA_ARGS = ("kfac_factors", "per_example_grads", "per_example_loss_fn")
+
+
+def _capturing_loss(model, label_smoothing: float, l2: float):
+  """Per-example losses with the K-FAC captures (``kfac.loss_grad_and_factors``'s form):
+  ``(params, perturbations, batch_stats, batch, key) -> (losses, kfac, (logits, stats))``."""
+  def fn(params, perturbations, batch_stats, batch, key):
+    variables = {"params": params, "perturbations": perturbations}
+    mutable = ["kfac"] + (["batch_stats"] if batch_stats else [])
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    logits, state = model.apply(variables, batch["inputs"], train=True, rngs={"dropout": key},
+                                mutable=mutable)
+    losses = per_example_cross_entropy(logits, batch["labels"], label_smoothing)
+    if l2 > 0:
+      losses = losses + l2 * l2_penalty(params)
+    return losses, state["kfac"], (logits, state.get("batch_stats", batch_stats))
+  return fn
+
+
+def _zero_perturbations(model, state, batch, key):
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return layers.zero_perturbations(model, variables, batch["inputs"], train=True,
+                                   rngs={"dropout": key})
 
 
 def make_eval_step(model) -> Callable:

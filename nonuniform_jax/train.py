@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +19,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from nonuniform_jax import data, models, optim, parallel, steps, workdir as wd
-from nonuniform_jax.optim import base
+from nonuniform_jax import data, evaluators, models, optim, parallel, steps, workdir as wd
+from nonuniform_jax.models import layers
+from nonuniform_jax.optim import base, kfac
+from nonuniform_jax.optim.csam import METRICS as CSAM_METRICS
 from nonuniform_jax.optim.sam import validate_rho
 
 STUDIES = ("toy_minima", "two_param", "sparse_regression")
 TASKS = ("train",) + STUDIES
-SAM_FAMILY = {"sam": 2, "asam": 2}            # name -> gradient evaluations per step
+# name -> (gradient evaluations per step, what the step passes to tx.update besides grad_fn)
+SAM_FAMILY = {"sam": (2, ()), "asam": (2, ()), "csam": (3, ()), "nonuniform_sam": (3, ()),
+              "gam": (2, ("kfac_factors",)), "sam_gcm": (2, ("per_example_grads",)),
+              "cov": (1, ("per_example_loss_fn",))}
 OPTIMIZERS = base.BASE_OPTIMIZERS + tuple(SAM_FAMILY)
 
 
@@ -83,6 +89,16 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
   if opt.name in SAM_FAMILY:
     validate_rho("sam.rho", config.sam.rho)
     _choice("sam.bn_policy", config.sam.bn_policy, steps.BN_POLICIES)
+    if opt.name in ("csam", "nonuniform_sam"):
+      _choice("csam.metric", config.csam.metric, CSAM_METRICS)
+    extra = family_extra_args(config)
+    if extra and (m or not config.parallel.bn_sync):
+      raise ValueError(f"optimizer {opt.name!r} with {extra[0]} needs the whole batch in one "
+                       f"group: set sam.m=0 and parallel.bn_sync=True (got sam.m={m}, "
+                       f"parallel.bn_sync={config.parallel.bn_sync})")
+    if m and opt.name not in ("sam", "asam"):
+      raise ValueError(f"sam.m={m}: m-sharpness groups are implemented for sam and asam, not "
+                       f"{opt.name!r}; set sam.m=0")
     if m < 0 or (m > 0 and per_device % m):
       divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
       raise ValueError(f"sam.m {m!r} must divide the per-device batch {per_device} "
@@ -91,6 +107,11 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
     if config.sam.weight_decay_in_perturbation and opt.weight_decay_mode != "coupled":
       raise ValueError("sam.weight_decay_in_perturbation needs optimizer.weight_decay_mode "
                        f"'coupled', got {opt.weight_decay_mode!r}")
+  names = measure_names(config)
+  evaluators.check(names, measure_settings(config, names), config.measures.bn_mode)
+  if names:
+    _positive("measures.num_examples", config.measures.num_examples)
+    _positive("measures.batch_size", config.measures.batch_size)
   m = config.batch_size if m == 0 else m
   sam_groups = config.batch_size // m if opt.name in SAM_FAMILY else 1
   bn_groups = 1 if config.parallel.bn_sync else num_devices
@@ -103,14 +124,62 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
           "fully_sharded": bool(config.parallel.fully_sharded)}
 
 
+def measure_names(config) -> list[str]:
+  """The measures a run computes: ``measures.names`` plus, with ``measure_nonuniformity``, the
+  standard nonuniformity set."""
+  names = list(config.measures.names)
+  if config.measure_nonuniformity:
+    names += [n for n in evaluators.NONUNIFORMITY if n not in names]
+  return names
+
+
+def measure_settings(config, names) -> dict:
+  settings = config.measures.settings
+  return {n: settings[n].to_dict() if n in settings else {} for n in names}
+
+
 def total_steps(config, num_train: int) -> int:
   if config.num_steps > 0:
     return int(config.num_steps)
   return max(1, math.ceil(config.num_epochs * num_train / config.batch_size))
 
 
-def build_optimizer(config, num_steps: int):
-  """(transformation, schedule, gradient evaluations per step, L2 coefficient in the loss)."""
+def family_extra_args(config) -> tuple:
+  """What the train step must hand the optimizer besides ``grad_fn``."""
+  name = config.optimizer.name
+  if name in ("csam", "nonuniform_sam") and config.csam.metric == "kfac":
+    return ("kfac_factors",)
+  return SAM_FAMILY.get(name, (1, ()))[1]
+
+
+def _family_transform(config, num_train: int, kfac_layers):
+  """The SAM-family transformation named by ``config.optimizer.name``."""
+  name, k = config.optimizer.name, config.kfac
+  groups = config.batch_size // (config.sam.m or config.batch_size)
+  kfac_kwargs = dict(damping=k.damping, stats_every=k.stats_every,
+                     inverse_every=k.inverse_every, ema_decay=k.ema_decay,
+                     unfactored=k.unfactored, kfac_layers=kfac_layers)
+  if name in ("sam", "asam"):
+    return optim.sam(config.sam.rho, adaptive=name == "asam", eta=config.sam.eta,
+                     grouped=groups > 1)
+  if name in ("csam", "nonuniform_sam"):
+    c = config.csam
+    kwargs = kfac_kwargs if c.metric == "kfac" else {}
+    return optim.csam(c.rho1, c.rho2, c.alpha, metric=c.metric, eta=config.sam.eta,
+                      momentum_sign=c.momentum_sign, **kwargs)
+  if name == "gam":
+    return optim.gam(config.sam.rho, **kfac_kwargs)
+  if name == "sam_gcm":
+    return optim.sam_gcm(config.sam_gcm.rho, config.sam_gcm.xi,
+                         max_params=config.sam_gcm.max_params)
+  return optim.cov(config.cov.lam, num_train)
+
+
+def build_optimizer(config, num_steps: int, num_train: int = 0, kfac_layers=None):
+  """(transformation, schedule, gradient evaluations per step, L2 coefficient in the loss).
+
+  ``num_train`` (COV's n) and ``kfac_layers`` (the captured layers, for the K-FAC metric) are
+  needed only by the optimizers that use them."""
   opt = config.optimizer
   s = config.schedule
   schedule = base.learning_rate_schedule(
@@ -126,10 +195,8 @@ def build_optimizer(config, num_steps: int):
   l2 = opt.weight_decay if wd_in_loss else 0.0
   if not family:
     return base_tx, schedule, 1, l2
-  groups = config.batch_size // (config.sam.m or config.batch_size)
-  perturb = optim.sam(config.sam.rho, adaptive=opt.name == "asam", eta=config.sam.eta,
-                      grouped=groups > 1)
-  return optax.chain(perturb, base_tx), schedule, SAM_FAMILY[opt.name], l2
+  perturb = _family_transform(config, num_train, kfac_layers)
+  return optax.chain(perturb, base_tx), schedule, SAM_FAMILY[opt.name][0], l2
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -158,6 +225,74 @@ def _evaluate(eval_step, state, source, batch_size, sharding) -> dict:
   return out
 
 
+class Run(NamedTuple):
+  """Everything a run is built from, derived from its config."""
+  datasets: Any
+  model: Any
+  tx: Any
+  schedule: Any
+  passes: int          # gradient evaluations per step
+  l2: float            # weight decay inside the loss (SAM's weight_decay_in_perturbation)
+  num_steps: int
+  mesh: Any
+  state: steps.TrainState   # freshly initialised, placed with state_sharding
+  state_sharding: Any
+
+
+def build(config, settings: dict) -> Run:
+  """Datasets, model, optimizer and the initial train state of a checked config."""
+  ds = data.get_datasets(
+      config.dataset, seed=config.seed, data_dir=config.data_dir, augment=config.augment,
+      image_size=config.image_size, num_train_examples=config.num_train_examples,
+      train_eval_examples=config.train_eval_examples, label_noise=config.label_noise.kind,
+      label_noise_rate=config.label_noise.rate, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  num_steps = total_steps(config, ds.num_train)
+  model_cfg = config.model.to_dict()
+  model = models.get_model(model_cfg.pop("name"), ds.num_classes, **model_cfg)
+  x = jnp.zeros((1,) + tuple(ds.input_shape), jnp.float32)
+  extra = family_extra_args(config)
+  kfac_layers = None
+  if "kfac_factors" in extra:
+    key = jax.random.key(0)
+    kfac_layers = kfac.layer_names(jax.eval_shape(lambda: layers.zero_perturbations(
+        model, model.init(key, x), x, train=True, rngs={"dropout": key})))
+  if {"per_example_grads", "per_example_loss_fn"} & set(extra):
+    if "batch_stats" in jax.eval_shape(lambda: model.init(jax.random.key(0), x)):
+      raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, "
+                       f"which BatchNorm (in model {config.model.name!r}) does not have; "
+                       "choose a model without BatchNorm")
+  tx, schedule, passes, l2 = build_optimizer(config, num_steps, ds.num_train, kfac_layers)
+  mesh = parallel.data_mesh(jax.devices()[:settings["num_devices"]])
+
+  def init_state():
+    variables = model.init(jax.random.key(config.seed), x)
+    params = variables["params"]
+    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            batch_stats=variables.get("batch_stats", {}),
+                            opt_state=tx.init(params))
+
+  state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh,
+                                            config.parallel.fully_sharded)
+  state = jax.jit(init_state, out_shardings=state_sharding)()
+  return Run(ds, model, tx, schedule, passes, l2, num_steps, mesh, state, state_sharding)
+
+
+def checkpoint_manager(workdir: str, keep: int):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir if "://" in workdir else os.path.abspath(workdir),
+                      wd.CHECKPOINT_DIR)
+  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                                          create=True))
+
+
+def restore(manager, step: int, like: steps.TrainState) -> steps.TrainState:
+  """The checkpoint at ``step``, placed like ``like`` (any device count)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def _train(config, workdir: str, settings: dict) -> dict:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
@@ -172,44 +307,17 @@ def _train(config, workdir: str, settings: dict) -> dict:
     return summary
   is_main = jax.process_index() == 0
 
-  ds = data.get_datasets(
-      config.dataset, seed=config.seed, data_dir=config.data_dir, augment=config.augment,
-      image_size=config.image_size, num_train_examples=config.num_train_examples,
-      train_eval_examples=config.train_eval_examples, label_noise=config.label_noise.kind,
-      label_noise_rate=config.label_noise.rate, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  ds, model, tx, schedule, passes, l2, num_steps, mesh, state, state_sharding = build(
+      config, settings)
+  batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   if is_main:
     data.write_label_noise(ds, workdir)
-  num_steps = total_steps(config, ds.num_train)
-  model_cfg = config.model.to_dict()
-  model = models.get_model(model_cfg.pop("name"), ds.num_classes, **model_cfg)
-  tx, schedule, passes, l2 = build_optimizer(config, num_steps)
-
-  mesh = parallel.data_mesh(jax.devices()[:settings["num_devices"]])
-  batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-
-  def init_state():
-    variables = model.init(jax.random.key(config.seed),
-                           jnp.zeros((1,) + tuple(ds.input_shape), jnp.float32))
-    params = variables["params"]
-    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            batch_stats=variables.get("batch_stats", {}),
-                            opt_state=tx.init(params))
-
-  state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh,
-                                            config.parallel.fully_sharded)
-  state = jax.jit(init_state, out_shardings=state_sharding)()
-  ckpt_dir = os.path.join(workdir if "://" in workdir else os.path.abspath(workdir),
-                          wd.CHECKPOINT_DIR)
-  manager = ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                                     create=True))
+  manager = checkpoint_manager(workdir, config.keep_checkpoints)
   start_step = 0
   if manager.latest_step() is not None:
     start_step = manager.latest_step()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(start_step, args=ocp.args.StandardRestore(abstract))
-    logging.info("resumed from step %d of %s", start_step, ckpt_dir)
+    state = restore(manager, start_step, state)
+    logging.info("resumed from step %d of %s", start_step, workdir)
   metrics_log = timing_log = None
   if is_main:
     metrics_log = wd.JsonLog(os.path.join(workdir, wd.METRICS_FILE), start_step)
@@ -224,10 +332,18 @@ def _train(config, workdir: str, settings: dict) -> dict:
       steps.make_train_step(model, tx, seed=config.seed, label_smoothing=config.label_smoothing,
                             l2=l2, passes=passes, groups=settings["forward_groups"],
                             grouped_perturbation=settings["sam_groups"] > 1,
-                            bn_policy=config.sam.bn_policy),
+                            bn_policy=config.sam.bn_policy,
+                            extra_args=family_extra_args(config)),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=0)
   eval_step = jax.jit(steps.make_eval_step(model))
+
+  names = measure_names(config)
+  measure_batches = (evaluators.subset_batches(ds.train_eval, config.measures.num_examples,
+                                               config.measures.batch_size) if names else [])
+  measures_log = (wd.JsonLog(os.path.join(workdir, wd.MEASURES_FILE), start_step)
+                  if names and is_main else None)
+  measured = {}
 
   batches = data.prefetch_to_device(
       ds.train.train_batches(config.batch_size, config.seed, start_step), 2, batch_sharding)
@@ -240,7 +356,9 @@ def _train(config, workdir: str, settings: dict) -> dict:
     is_log = step % config.log_every == 0 or step == num_steps
     is_eval = step % config.eval_every == 0 or step == num_steps
     is_ckpt = step % config.checkpoint_every == 0 or step == num_steps
-    if not (is_log or is_eval or is_ckpt):
+    every = config.measures.every_steps
+    is_measure = bool(names) and ((every > 0 and step % every == 0) or step == num_steps)
+    if not (is_log or is_eval or is_ckpt or is_measure):
       continue
     stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window))
     bad = np.flatnonzero(~np.isfinite(stacked["train_loss"]))
@@ -259,6 +377,14 @@ def _train(config, workdir: str, settings: dict) -> dict:
       record["generalization_gap"] = test["loss"] - train_side["loss"]
       record["accuracy_gap"] = train_side["accuracy"] - test["accuracy"]
       final = record
+    if is_measure:
+      measured = evaluators.run(names, measure_settings(config, names), model, state.params,
+                                state.batch_stats, measure_batches,
+                                bn_mode=config.measures.bn_mode, seed=config.measures.seed,
+                                num_classes=ds.num_classes)
+      record.update(evaluators.scalars(measured))
+      if is_main:
+        measures_log.append({"step": step, **measured})
     timing = {"step": step, "step_time_s": elapsed / len(window),
               "examples_per_second": config.batch_size * len(window) / elapsed}
     if is_main:
@@ -285,6 +411,7 @@ def _train(config, workdir: str, settings: dict) -> dict:
       "dataset": ds.info,
       "versions": wd.package_versions(),
       "final": final,
+      "measures": measured,
       "wall_time_s": time.time() - started,
   }
   if is_main:

@@ -4,6 +4,7 @@
     DIR/metrics.jsonl      one JSON line per logged step: every scalar that is a function of
                            (config, seed) — identical across reruns on one machine
     DIR/timing.jsonl       step time and throughput at the same steps (machine-dependent)
+    DIR/measures.jsonl     sharpness/nonuniformity measures with their settings, per step
     DIR/summary.json       at the end: config, versions, devices, final metrics, status
     DIR/checkpoints/       Orbax checkpoints
     DIR/events.out.*       TensorBoard (CLU metric writers)
@@ -23,6 +24,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 TIMING_FILE = "timing.jsonl"
 SUMMARY_FILE = "summary.json"
+MEASURES_FILE = "measures.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
 # Settings that may differ when a run is resumed: how it is shown, and how many devices run it
@@ -103,7 +105,7 @@ def prepare(workdir: str, config: dict, overwrite: bool) -> str:
 
 def clear(root: epath.Path) -> None:
   """Removes what a run wrote: the files this module names and TensorBoard events; nothing else."""
-  for name in (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE):
+  for name in (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, MEASURES_FILE):
     if (root / name).exists():
       (root / name).unlink()
   if (root / CHECKPOINT_DIR).exists():

@@ -126,3 +126,57 @@ def test_one_forward_pass_per_gradient_evaluation(passes, groups):
                                grouped_perturbation=groups > 1)
   jax.jit(step).lower(state, batch)
   assert len(calls) == passes
+
+
+def test_csam_step_matches_three_pass_reference():
+  """CSAM through the trainer's step: g1, g2 at θ+ε1, g3 at θ+ε2, m = (1−α)δ on the first step."""
+  model, batch, variables = setup()
+  rho1, rho2, alpha = 0.05, 0.1, 0.9
+  tx = optax.chain(optim.csam(rho1, rho2, alpha), optax.sgd(LR))
+  params, stats = variables["params"], variables["batch_stats"]
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                           opt_state=tx.init(params))
+  new = jax.jit(steps.make_train_step(model, tx, seed=0, passes=3))(state, batch)[0]
+  x, y = batch["inputs"], batch["labels"]
+  grad = lambda p: jax.grad(forward, argnums=1, has_aux=True)(model, p, stats, x, y)[0]
+  norm = lambda t: jnp.sqrt(sum(jnp.sum(l ** 2) for l in jax.tree.leaves(t)))
+  g1 = grad(params)
+  g2 = grad(jax.tree.map(lambda p, g: p + rho1 * g / norm(g1), params, g1))
+  delta = jax.tree.map(jnp.subtract, g2, g1)
+  d = jax.tree.map(lambda dl: dl - (1 - alpha) * dl, delta)   # δ − m, m = (1−α)δ
+  g3 = grad(jax.tree.map(lambda p, di: p + rho2 * di / norm(d), params, d))
+  want = jax.tree.map(lambda p, g: p - LR * g, params, g3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=5e-4, atol=5e-6),
+               new.params, want)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               new.batch_stats, forward(model, params, stats, x, y)[1])
+
+
+def test_csam_kfac_step_captures_in_the_clean_pass():
+  """With the K-FAC metric the clean pass also returns the factors: still 3 forward passes,
+  and the update equals the transformation fed with factors from explicit captures."""
+  from nonuniform_jax.models.layers import zero_perturbations
+  from nonuniform_jax.optim import kfac
+  model, batch, variables = setup()
+  params, stats = variables["params"], variables["batch_stats"]
+  perts = zero_perturbations(model, variables, batch["inputs"], train=True)
+  tx = optax.chain(optim.csam(0.05, 0.1, 0.9, metric="kfac", stats_every=1, inverse_every=1,
+                              kfac_layers=kfac.layer_names(perts)), optax.sgd(LR))
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                           opt_state=tx.init(params))
+  step = steps.make_train_step(model, tx, seed=0, passes=3, extra_args=("kfac_factors",))
+  new = jax.jit(step)(state, batch)[0]
+
+  def per_example(p, q):
+    logits, st = model.apply({"params": p, "batch_stats": stats, "perturbations": q},
+                             batch["inputs"], train=True, mutable=["kfac", "batch_stats"])
+    return steps.per_example_cross_entropy(logits, batch["labels"]), st["kfac"]
+
+  out = kfac.loss_grad_and_captures(per_example, params, perts)
+  grad_fn = lambda p: jax.grad(forward, argnums=1, has_aux=True)(
+      model, p, stats, batch["inputs"], batch["labels"])[0]
+  updates, _ = tx.update(out.grads, tx.init(params), params, grad_fn=grad_fn,
+                         kfac_factors=kfac.batch_factors(out.captures))
+  want = optax.apply_updates(params, updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=5e-4, atol=5e-6),
+               new.params, want)

@@ -1,0 +1,92 @@
+"""Measures inside training runs (on a schedule, with their settings) and on a finished run's
+checkpoint through the measure command."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from nonuniform_jax import evaluators, measure, measures, models, train
+from tests.test_train import read_lines, small_config
+
+
+def _config(**overrides):
+  return small_config(**{"num_steps": 20, "log_every": 10, "eval_every": 10,
+                         "checkpoint_every": 10, "train_eval_examples": 64,
+                         "measures.num_examples": 64, "measures.batch_size": 32,
+                         "measures.every_steps": 10,
+                         "measures.names": ("lambda_max", "sam_sharpness"),
+                         "measures.settings.lambda_max.num_iters": 30, **overrides})
+
+
+@pytest.fixture(scope="module")
+def measured_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("measured")
+  config = _config(measure_nonuniformity=True,
+                   **{"measures.settings.wu_nonuniformity.num_iters": 20})
+  return workdir, train.train_and_evaluate(config, str(workdir))
+
+
+def test_measures_on_schedule_with_settings(measured_run):
+  workdir, summary = measured_run
+  lines = read_lines(workdir / "metrics.jsonl")
+  for record in lines:   # steps 10 and 20
+    assert record["measure/lambda_max/lambda_max"] > 0
+    assert record["measure/gradient_noise/trace_sigma"] > 0
+    assert "measure/wu_nonuniformity/nonuniformity" in record
+    # The measures' loss is the training-subset evaluation loss: same examples, same mode.
+    np.testing.assert_allclose(record["measure/sam_sharpness/loss"], record["eval_train_loss"],
+                               rtol=1e-5)
+  logged = read_lines(workdir / "measures.jsonl")
+  assert [r["step"] for r in logged] == [10, 20]
+  assert logged[0]["lambda_max"]["num_iters"] == 30
+  assert logged[0]["gradient_noise"]["num_examples"] == 256
+  assert logged[0]["gradient_noise"]["bn_mode"] == "running"
+  assert set(summary["measures"]) == {"lambda_max", "sam_sharpness", *evaluators.NONUNIFORMITY}
+
+
+def test_measure_command_on_a_finished_run(measured_run):
+  workdir, summary = measured_run
+  results = measure.measure(str(workdir), ["hessian_trace"], num_examples=128,
+                            overrides=["hessian_trace.num_probes=7"])
+  assert results["hessian_trace"]["num_probes"] == 7
+  assert results["hessian_trace"]["num_examples"] == 128
+  logged = read_lines(workdir / "measures.jsonl")
+  assert logged[-1]["step"] == 20 and "hessian_trace" in logged[-1]
+  saved = json.loads((workdir / "summary.json").read_text())
+  assert saved["measures"]["hessian_trace"]["trace"] == results["hessian_trace"]["trace"]
+  assert saved["final"] == summary["final"]   # the run's own results are untouched
+
+
+def test_evaluator_matches_direct_call_on_the_same_model():
+  model = models.get_model("mlp", 3, widths=(8,))
+  rng = np.random.default_rng(0)
+  batches = [{"inputs": rng.normal(size=(20, 5)).astype(np.float32),
+              "labels": rng.integers(0, 3, 20)}]
+  params = model.init(jax.random.key(0), batches[0]["inputs"])["params"]
+  got = evaluators.run(["hessian_trace"], {"hessian_trace": {"num_probes": 5}}, model, params,
+                       {}, batches, seed=3)
+  fns = evaluators.loss_functions(model, {}, "running")
+  want = measures.hessian_trace(fns["loss_fn"], params, batches, num_probes=5,
+                                key=jax.random.fold_in(jax.random.key(3), 0))
+  np.testing.assert_allclose(got["hessian_trace"]["trace"], want["trace"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"measures.names": ("lambda_maximum",)}, "unknown measure 'lambda_maximum'"),
+    ({"measures.bn_mode": "eval"}, "unknown measures.bn_mode 'eval'"),
+    ({"measures.settings.sam_sharpness.rho": 0.1, "measures.names": ("sam_sharpness",),
+      "measures.num_examples": 0}, "measures.num_examples must be > 0"),
+])
+def test_bad_measure_settings(overrides, message, tmp_path):
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(_config(**overrides), str(tmp_path / "w"))
+  assert message in str(info.value)
+  assert not (tmp_path / "w").exists()
+
+
+def test_measure_command_errors(tmp_path):
+  with pytest.raises(ValueError, match="no run in workdir"):
+    measure.measure(str(tmp_path), ["lambda_max"])
