@@ -1,0 +1,42 @@
+"""configs/sam_family.py: every setup and method loads with the authors' values, and the offline
+setup trains with each method."""
+
+import itertools
+import pathlib
+import runpy
+
+import pytest
+
+from nonuniform_jax import train
+
+CONFIG = runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "configs" /
+                            "sam_family.py"))
+
+
+@pytest.mark.parametrize("setup, method", itertools.product(CONFIG["SETUPS"], CONFIG["METHODS"]))
+def test_every_combination_checks(setup, method):
+  c = CONFIG["get_config"](f"{setup},{method}")
+  train.check_config(c)
+  if method.startswith("csam"):
+    assert c.optimizer.name == "csam" and c.csam.rho1 == 0.1
+    assert c.csam.rho2 == (0.4 if c.dataset == "cifar100" else 0.2)
+    assert c.csam.metric == ("kfac" if method == "csam_kfac" else "identity")
+  if setup == "cifar10_resnet20" and method == "csam":
+    assert c.csam.alpha == 0.6
+
+
+def test_bad_config_string():
+  with pytest.raises(ValueError, match="must be SETUP,METHOD"):
+    CONFIG["get_config"]("cifar10,adam")
+
+
+@pytest.mark.parametrize("method", ["csam", "csam_kfac", "asam"])
+def test_offline_setup_trains(method, tmp_path):
+  c = CONFIG["get_config"](f"mnist1d,{method}")
+  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 10, 5, 10, 10
+  c.kfac.stats_every = c.kfac.inverse_every = 5
+  c.progress = False
+  c.model.widths = (32,)
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["status"] == "completed"
+  assert summary["settings"]["gradient_evaluations_per_step"] == (2 if method == "asam" else 3)
