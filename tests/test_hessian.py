@@ -197,6 +197,13 @@ def test_slq_quadrature_is_exact_to_degree_2m_minus_1(x64):
     np.testing.assert_allclose(np.sum(weights * nodes**power, axis=1), expected, rtol=1e-8)
 
 
+def test_lanczos_iterations_are_capped_at_the_dimension():
+  q = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
+  out = measures.lambda_max(lambda p, b: 0.5 * p @ q @ p, jnp.ones(3), [{"x": np.zeros((1,))}],
+                            num_iters=100)
+  assert out["num_iters"] == 3 and abs(out["lambda_max"] - 3.0) < 1e-5
+
+
 def test_esd_density_is_a_smoothed_probability():
   nodes = np.array([[0.0, 1.0, 2.0]])
   weights = np.array([[0.25, 0.5, 0.25]])
@@ -210,8 +217,8 @@ def test_esd_density_is_a_smoothed_probability():
     (lambda m: measures.top_eigenvalues(m.loss_fn, m.params, m.batches, 0), "k must be"),
     (lambda m: measures.top_eigenvalues(m.loss_fn, m.params, m.batches, 2, method="arnoldi"),
      "unknown method 'arnoldi'; choose one of \\['lanczos', 'power'\\]"),
-    (lambda m: measures.lambda_max(m.loss_fn, m.params, m.batches, num_iters=500),
-     "num_iters=500 must lie between"),
+    (lambda m: measures.top_eigenvalues(m.loss_fn, m.params, m.batches, 3, num_iters=2),
+     "num_iters=2 must be at least k=3"),
     (lambda m: measures.lambda_max(m.loss_fn, m.params, m.batches, tol=-1.0), "tol must be"),
     (lambda m: measures.lambda_max(m.loss_fn, m.params, []), "batches is empty"),
     (lambda m: measures.hvp(m.loss_fn, m.params, m.batches[0], m.params), "sequence of batches"),

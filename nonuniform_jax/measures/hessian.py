@@ -279,9 +279,10 @@ def top_eigenvalues(loss_fn: LossFn, params, batches: Sequence[Any], k: int, *,
   dim = _num_params(params)
   if k > dim:
     raise ValueError(f"k={k} exceeds the number of parameters {dim}")
-  if method == "lanczos" and not k <= num_iters <= dim:
-    raise ValueError(f"num_iters={num_iters} must lie between k={k} and the number of "
-                     f"parameters {dim} for Lanczos")
+  if method == "lanczos":
+    if num_iters < k:
+      raise ValueError(f"num_iters={num_iters} must be at least k={k} for Lanczos")
+    num_iters = min(num_iters, dim)   # a Krylov space cannot grow past the dimension
   groups = _tree.group_batches(batches)
   key, seed = _tree.make_key(key)
   out = _top_eigenvalues(_tree.as_loss_pytree(loss_fn), params, groups, key, k=k,
