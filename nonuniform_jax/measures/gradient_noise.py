@@ -83,33 +83,32 @@ def _as_pytree(fn):
 # ---------------------------------------------------------------- batches and chunks
 
 
-def _chunk_bounds(b: int, chunk_size: int, j):
-  """(start, c, mask) of chunk j of a batch of b examples (see ``scan_chunks``)."""
+def _chunk(batch, chunk_size: int, j):
+  """Chunk j < ⌈b/c⌉ of a batch of b examples, c = min(chunk_size, b), and its mask [c].
+
+  The chunk holds examples [s, s + c) with s = min(j·c, b − c), sliced from ``batch`` in place
+  (no padded copy). The last chunk may overlap the one before; the mask is False on the
+  examples already visited, so every example counts exactly once and the loss never sees a
+  made-up input.
+  """
+  b = _tree.num_examples(batch)
   c = min(chunk_size, b)
   start = jnp.minimum(j * c, b - c)
-  return start, c, start + jnp.arange(c) >= j * c
+  part = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(jnp.asarray(x), start, c), batch)
+  return part, start + jnp.arange(c) >= j * c
 
 
 def _num_chunks(b: int, chunk_size: int) -> int:
   return -(-b // min(chunk_size, b))
 
 
-def scan_chunks(fn, carry, batch, chunk_size: int):
-  """carry ← fn(carry, chunk, mask) over the examples of ``batch`` in chunks (a ``lax.scan``).
-
-  With b examples and c = min(chunk_size, b), chunk j holds examples [s_j, s_j + c) with
-  s_j = min(j·c, b − c), j < ⌈b/c⌉, sliced from ``batch`` in place (no padded copy). The last
-  chunk may overlap the one before; ``mask`` [c] is False on the examples already visited, so
-  every example counts exactly once and the loss never sees a made-up input.
-  """
-  b = _tree.num_examples(batch)
-
+def _scan_chunks(fn, carry, batch, chunk_size: int):
+  """carry ← fn(carry, chunk, mask) over the chunks of ``batch`` (``_chunk``) in a ``lax.scan``."""
   def body(carry, j):
-    start, c, mask = _chunk_bounds(b, chunk_size, j)
-    part = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(jnp.asarray(x), start, c), batch)
-    return fn(carry, part, mask), None
+    return fn(carry, *_chunk(batch, chunk_size, j)), None
 
-  return lax.scan(body, carry, jnp.arange(_num_chunks(b, chunk_size)))[0]
+  steps = jnp.arange(_num_chunks(_tree.num_examples(batch), chunk_size))
+  return lax.scan(body, carry, steps)[0]
 
 
 def _union(groups):
@@ -203,8 +202,7 @@ def per_example_grads(loss_fn: LossFn, params, batch, per_example_loss_fn=None):
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def _chunk_moments(moments, loss_fn, per_example_loss_fn, params, batch, j, chunk_size):
   """``moments`` merged with those of chunk j of ``batch``."""
-  start, c, mask = _chunk_bounds(_tree.num_examples(batch), chunk_size, j)
-  part = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, c), batch)
+  part, mask = _chunk(batch, chunk_size, j)
   grads = per_example_grads(loss_fn, params, part, per_example_loss_fn)
   return _merge(moments, _moments_of(grads, mask))
 
@@ -222,9 +220,10 @@ def _batches(groups):
 def gradient_moments(loss_fn: LossFn, params, batches: Sequence[Any], *,
                      per_example_loss_fn: LossFn | None = None, chunk_size: int = 64) -> Moments:
   """Per-parameter mean and centred second moment of the per-example gradients over the union
-  of ``batches``, ``chunk_size`` per-example gradients at a time: memory about
-  (chunk_size + 4)·|θ| floats beside the model's activations for one chunk. One compiled step
-  per batch shape, called once per chunk from Python (module docstring).
+  of ``batches``, ``chunk_size`` per-example gradients at a time: temporary memory about
+  chunk_size·|θ| floats plus the model's activations for one chunk, whatever the number of
+  examples, besides the 3·|θ| floats of moments carried between chunks. One compiled step per
+  batch shape, called once per chunk from Python (module docstring).
   """
   _tree.check_positive_int("chunk_size", chunk_size)
   return _gradient_moments(loss_fn, per_example_loss_fn, params, _tree.group_batches(batches),
@@ -280,10 +279,12 @@ def _fast_batch(capture_loss_fn, perturbations_fn, params, batch, with_factors: 
 
 
 @functools.partial(jax.jit, static_argnames=("with_factors",))
-def _fast_accumulate(total, capture_loss_fn, perturbations_fn, params, batch, weight,
-                     with_factors):
-  part = _fast_batch(capture_loss_fn, perturbations_fn, params, batch, with_factors)
-  return otu.tree_add_scale(total, weight, part)
+def _fast_weighted(capture_loss_fn, perturbations_fn, params, batch, weight, with_factors):
+  return otu.tree_scale(weight, _fast_batch(capture_loss_fn, perturbations_fn, params, batch,
+                                            with_factors))
+
+
+_tree_add = jax.jit(otu.tree_add)
 
 
 def _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors: bool) -> dict:
@@ -293,12 +294,9 @@ def _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors:
   n = _tree.total_examples(groups)
   total = None
   for batch in _batches(groups):
-    if total is None:
-      shapes = jax.eval_shape(functools.partial(_fast_batch, with_factors=with_factors),
-                              capture_loss_fn, perturbations_fn, params, batch)
-      total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    total = _fast_accumulate(total, capture_loss_fn, perturbations_fn, params, batch,
-                             np.float32(_tree.num_examples(batch) / n), with_factors=with_factors)
+    part = _fast_weighted(capture_loss_fn, perturbations_fn, params, batch,
+                          np.float32(_tree.num_examples(batch) / n), with_factors=with_factors)
+    total = part if total is None else _tree_add(total, part)
   return total
 
 
@@ -550,7 +548,7 @@ def _nonuniformity_matvec(loss_fn, per_example_loss_fn, params, groups, chunk_si
     z = jax.vmap(ex_hvp)(part, w)
     return otu.tree_add_scale(acc, 1.0 / n, _masked_sum(z, mask))
 
-  return _for_each_batch(lambda acc, batch: scan_chunks(centred_square, acc, batch, chunk_size),
+  return _for_each_batch(lambda acc, batch: _scan_chunks(centred_square, acc, batch, chunk_size),
                          otu.tree_zeros_like(v), groups)
 
 
