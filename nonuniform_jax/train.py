@@ -112,6 +112,14 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
   if names:
     _positive("measures.num_examples", config.measures.num_examples)
     _positive("measures.batch_size", config.measures.batch_size)
+    if "batch_gradient_noise" in names:
+      b = measure_settings(config, names)["batch_gradient_noise"]["batch_size"]
+      usable = min(config.measures.num_examples,
+                   config.train_eval_examples or config.measures.num_examples)
+      if not 1 <= b <= usable // 2:
+        raise ValueError(f"measures.settings.batch_gradient_noise.batch_size {b!r} needs at least "
+                         f"2 disjoint batches of the {usable} measured examples; choose 1 to "
+                         f"{usable // 2}")
   m = config.batch_size if m == 0 else m
   sam_groups = config.batch_size // m if opt.name in SAM_FAMILY else 1
   bn_groups = 1 if config.parallel.bn_sync else num_devices

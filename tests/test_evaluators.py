@@ -25,7 +25,8 @@ def _config(**overrides):
 def measured_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("measured")
   config = _config(measure_nonuniformity=True,
-                   **{"measures.settings.wu_nonuniformity.num_iters": 20})
+                   **{"measures.settings.wu_nonuniformity.num_iters": 20,
+                      "measures.settings.batch_gradient_noise.batch_size": 16})
   return workdir, train.train_and_evaluate(config, str(workdir))
 
 
@@ -42,17 +43,18 @@ def test_measures_on_schedule_with_settings(measured_run):
   logged = read_lines(workdir / "measures.jsonl")
   assert [r["step"] for r in logged] == [10, 20]
   assert logged[0]["lambda_max"]["num_iters"] == 30
-  assert logged[0]["gradient_noise"]["num_examples"] == 256
+  assert logged[0]["gradient_noise"]["num_examples"] == 64
+  assert logged[0]["batch_gradient_noise"]["num_batches"] == 4
   assert logged[0]["gradient_noise"]["bn_mode"] == "running"
   assert set(summary["measures"]) == {"lambda_max", "sam_sharpness", *evaluators.NONUNIFORMITY}
 
 
 def test_measure_command_on_a_finished_run(measured_run):
   workdir, summary = measured_run
-  results = measure.measure(str(workdir), ["hessian_trace"], num_examples=128,
+  results = measure.measure(str(workdir), ["hessian_trace"], num_examples=48,
                             overrides=["hessian_trace.num_probes=7"])
   assert results["hessian_trace"]["num_probes"] == 7
-  assert results["hessian_trace"]["num_examples"] == 128
+  assert results["hessian_trace"]["num_examples"] == 48
   logged = read_lines(workdir / "measures.jsonl")
   assert logged[-1]["step"] == 20 and "hessian_trace" in logged[-1]
   saved = json.loads((workdir / "summary.json").read_text())
@@ -79,6 +81,8 @@ def test_evaluator_matches_direct_call_on_the_same_model():
     ({"measures.bn_mode": "eval"}, "unknown measures.bn_mode 'eval'"),
     ({"measures.settings.sam_sharpness.rho": 0.1, "measures.names": ("sam_sharpness",),
       "measures.num_examples": 0}, "measures.num_examples must be > 0"),
+    ({"measure_nonuniformity": True}, "batch_gradient_noise.batch_size 128 needs at least 2 "
+                                      "disjoint batches of the 64 measured examples; choose 1 to 32"),
 ])
 def test_bad_measure_settings(overrides, message, tmp_path):
   with pytest.raises(ValueError) as info:
