@@ -13,7 +13,7 @@ CONFIG = runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "confi
                             "sam_family.py"))
 
 
-@pytest.mark.parametrize("setup, method", itertools.product(CONFIG["SETUPS"], CONFIG["METHODS"]))
+@pytest.mark.parametrize("setup, method", list(itertools.product(CONFIG["SETUPS"], CONFIG["METHODS"])))
 def test_every_combination_checks(setup, method):
   c = CONFIG["get_config"](f"{setup},{method}")
   train.check_config(c)
