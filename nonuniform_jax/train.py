@@ -32,6 +32,10 @@ SAM_FAMILY = {"sam": (2, ()), "asam": (2, ()), "csam": (3, ()), "nonuniform_sam"
               "gam": (2, ("kfac_factors",)), "sam_gcm": (2, ("per_example_grads",)),
               "cov": (1, ("per_example_loss_fn",))}
 OPTIMIZERS = base.BASE_OPTIMIZERS + tuple(SAM_FAMILY)
+# Where each family member's settings live in the config (named in its errors).
+_FAMILY_SETTINGS = {"sam": "sam.*", "asam": "sam.*", "csam": "csam.*, sam.eta, kfac.*",
+                    "nonuniform_sam": "csam.*, sam.eta, kfac.*", "gam": "sam.rho, kfac.*",
+                    "sam_gcm": "sam_gcm.*", "cov": "cov.*"}
 
 
 def _choice(kind: str, value, choices) -> None:
@@ -107,6 +111,11 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
     if config.sam.weight_decay_in_perturbation and opt.weight_decay_mode != "coupled":
       raise ValueError("sam.weight_decay_in_perturbation needs optimizer.weight_decay_mode "
                        f"'coupled', got {opt.weight_decay_mode!r}")
+    try:  # the transformation's own checks (ρ's, α, damping, refresh periods...), no tracing
+      _family_transform(config, num_train=2, kfac_layers=("probe",))
+    except ValueError as e:
+      raise ValueError(f"optimizer {opt.name!r}, settings {_FAMILY_SETTINGS[opt.name]}: "
+                       f"{e}") from None
   names = measure_names(config)
   evaluators.check(names, measure_settings(config, names), config.measures.bn_mode)
   if names:

@@ -114,14 +114,16 @@ def test_resume_after_crash_matches_uninterrupted(reference_run, tmp_path, monke
 
 
 def test_divergence_is_reported_and_last_good_checkpoint_kept(tmp_path):
-  config = small_config(**{"optimizer.learning_rate": 1e30, "schedule.name": "constant",
+  # Trains normally for 30 steps (checkpoints at 10, 20, 30), then the rate jumps to 5e30.
+  config = small_config(**{"optimizer.learning_rate": 0.05, "schedule.name": "step",
+                           "schedule.step_boundaries": (0.5,), "schedule.step_factor": 1e32,
                            "num_steps": 60, "checkpoint_every": 10})
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["status"] == "diverged"
   step = summary["diverged_step"]
-  assert 1 <= step <= 60
-  saved = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
-  assert all(s < step for s in saved)
+  assert 30 < step <= 60
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  assert saved and saved[-1] == 30 and saved[-1] < step   # the last good one is kept
   assert json.loads((tmp_path / "summary.json").read_text())["diverged_step"] == step
 
 
@@ -148,6 +150,12 @@ def test_different_config_refused_unless_overwrite(reference_run, tmp_path):
     ({"optimizer.name": "sam", "sam.rho": -0.1}, "sam.rho must be >= 0, got -0.1"),
     ({"optimizer.name": "sam", "sam.m": 48}, "sam.m 48 must divide the per-device batch 128"),
     ({"optimizer.name": "sam", "sam.bn_policy": "never"}, "unknown sam.bn_policy 'never'"),
+    ({"optimizer.name": "csam", "csam.alpha": 1.5},
+     "optimizer 'csam', settings csam.*, sam.eta, kfac.*: alpha must be in [0, 1), got 1.5"),
+    ({"optimizer.name": "csam", "csam.metric": "kfac", "kfac.damping": 0.0},
+     "damping must be > 0, got 0.0"),
+    ({"optimizer.name": "gam", "kfac.stats_every": 0}, "stats_every must be an integer >= 1"),
+    ({"optimizer.name": "sam_gcm", "sam_gcm.xi": -1.0}, "sam_gcm.*: xi must be > 0, got -1.0"),
 ])
 def test_bad_input_is_one_line_error_before_anything(overrides, message, tmp_path, monkeypatch):
   monkeypatch.setattr(data, "get_datasets", lambda *a, **k: pytest.fail("data was loaded"))
