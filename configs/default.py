@@ -103,10 +103,14 @@ def get_config() -> ml_collections.ConfigDict:
           "worst_case_sharpness": {"rho": 0.05, "p": 2, "adaptive": False},
           "average_sharpness": {"rho": 0.05, "adaptive": False},
           "pacbayes_flatness": {"target": 0.1, "magnitude_aware": False},
-          "gradient_noise": {"chunk_size": 64},
+          # 'chunked', not 'auto': on Dense/Conv models 'auto' takes the fast exact path (tr Σ from
+          # one backward pass), which lacks the per-coordinate statistics (adaptive tr Σ, GSNR)
+          # the standard set should log. Set method='auto' for speed.
+          "gradient_noise": {"chunk_size": 64, "method": "chunked"},
           "batch_gradient_noise": {"batch_size": 128},
           "wu_nonuniformity": {"num_iters": 100},
           "kfac_structure": {},
+          "diagnostics": {},
       },
   })
   c.measure_nonuniformity = False    # adds the standard nonuniformity set to measures.names

@@ -34,9 +34,11 @@ MEASURES = {
     "batch_gradient_noise": measures.batch_gradient_noise,
     "wu_nonuniformity": measures.wu_nonuniformity,
     "kfac_structure": measures.kfac_structure,
+    "diagnostics": measures.nonuniformity_diagnostics,
 }
 # What ``measure_nonuniformity=True`` adds: the paper's central quantities.
-NONUNIFORMITY = ("gradient_noise", "batch_gradient_noise", "wu_nonuniformity", "kfac_structure")
+NONUNIFORMITY = ("gradient_noise", "batch_gradient_noise", "wu_nonuniformity", "kfac_structure",
+                 "diagnostics")
 BN_MODES = ("running", "batch")
 # Arguments without defaults that the settings must supply.
 _REQUIRED = {"top_eigenvalues": ("k",), "sam_sharpness": ("rho",),

@@ -180,3 +180,45 @@ def test_csam_kfac_step_captures_in_the_clean_pass():
   want = optax.apply_updates(params, updates)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=5e-4, atol=5e-6),
                new.params, want)
+
+
+@pytest.mark.parametrize("in_perturbation", [False, True])
+def test_weight_decay_placement_against_hand_written_step(in_perturbation):
+  """sam.weight_decay_in_perturbation: wd·θ enters the perturbation (J = L + wd/2‖θ‖², as the
+  original SAM) or only the base optimizer's step (coupled L2 after the perturbation)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import models, train  # pylint: disable=g-import-not-at-top
+  wd = 0.1
+  c = default.get_config()
+  c.optimizer.update({"name": "sam", "base": "sgd", "momentum": 0.0, "learning_rate": LR,
+                      "weight_decay": wd, "weight_decay_mode": "coupled"})
+  c.schedule.name = "constant"
+  c.sam.rho = RHO
+  c.sam.weight_decay_in_perturbation = in_perturbation
+  tx, _, passes, l2 = train.build_optimizer(c, num_steps=10)
+  assert passes == 2 and l2 == (wd if in_perturbation else 0.0)
+  model = models.get_model("mlp", 3, widths=(8,))
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  y = jax.random.randint(jax.random.key(2), (16,), 0, 3)
+  params = model.init(jax.random.key(0), x)["params"]
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+                           opt_state=tx.init(params))
+  step = steps.make_train_step(model, tx, seed=0, passes=passes, l2=l2)
+  got = jax.jit(step)(state, {"inputs": x, "labels": y})[0].params
+
+  def loss(p, decay):
+    ce = jnp.mean(steps.per_example_cross_entropy(model.apply({"params": p}, x), y))
+    return ce + decay / 2 * sum(jnp.sum(l ** 2) for l in jax.tree.leaves(p))
+
+  def reference(inner, outer):
+    g = jax.grad(loss)(params, inner)
+    norm = jnp.sqrt(sum(jnp.sum(l ** 2) for l in jax.tree.leaves(g)))
+    perturbed = jax.tree.map(lambda p, gi: p + RHO * gi / norm, params, g)
+    g_star = jax.grad(loss)(perturbed, inner)
+    return jax.tree.map(lambda p, gs: p - LR * (gs + outer * p), params, g_star)
+
+  flat = lambda tree: np.concatenate([np.ravel(l) for l in jax.tree.leaves(tree)])
+  want = reference(wd, 0.0) if in_perturbation else reference(0.0, wd)
+  other = reference(0.0, wd) if in_perturbation else reference(wd, 0.0)
+  np.testing.assert_allclose(flat(got), flat(want), rtol=1e-5, atol=1e-6)
+  assert np.max(np.abs(flat(got) - flat(other))) > 1e-5   # the placements differ

@@ -15,4 +15,5 @@ from nonuniform_jax.measures.gradient_noise import (batch_gradient_noise, gradie
                                                     wu_nonuniformity)
 from nonuniform_jax.measures.diagnostics import (activation_disparity,
                                                  channel_gradient_norm_variance,
-                                                 class_loss_imbalance, update_moments)
+                                                 class_loss_imbalance, nonuniformity_diagnostics,
+                                                 update_moments)

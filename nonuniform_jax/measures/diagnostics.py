@@ -9,17 +9,26 @@ updates, per-example losses, activations) that the caller already has; none runs
 * ``class_loss_imbalance``: std over classes of the mean per-class loss.
 * ``activation_disparity``: coefficient of variation over units of the mean |activation|.
 
+``nonuniformity_diagnostics`` is the measure that feeds them from a model: one capture pass per
+batch (``optim.kfac.loss_grad_and_captures``) gives the per-example losses, the mean gradient and
+every Dense layer's input, so a training run logs all four (``evaluators.MEASURES``).
+
 A "layer" is a module of the parameter tree: the leaves sharing a parent path, named by that path
 joined with '/' as ``optim.kfac`` names layers (a leaf at the top of the tree is its own layer).
 Every function returns Python floats; statistics of a constant (zero spread) are NaN.
 """
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax.tree_utils as otu
 
-from nonuniform_jax.measures.gradient_noise import _layer_name
+from nonuniform_jax.measures import _tree
+from nonuniform_jax.measures.gradient_noise import _as_pytree, _batches, _layer_name, _tree_add
+from nonuniform_jax.optim import kfac
 
 
 def _layers(tree) -> dict[str, dict[str, jax.Array]]:
@@ -124,3 +133,106 @@ def activation_disparity(activations, mask=None) -> float:
   weight = jnp.ones(a.shape[0]) if mask is None else jnp.asarray(mask, jnp.float32)
   units = jnp.einsum("n,ntu->u", weight, a) / (jnp.sum(weight) * a.shape[1])
   return float(jnp.std(units) / jnp.mean(units))
+
+
+# ---------------------------------------------------------------- the measure
+
+
+def _dense_inputs(params, layers) -> dict[str, int]:
+  """``{layer: d_in}`` for the captured layers whose kernel is 2-D (Dense): their captured input
+  [B, T, K̄] holds the layer's input in its first d_in columns (then the bias column, if any)."""
+  out = {}
+  for name in layers:
+    kernel = kfac._layer_params(params, name)["kernel"]
+    if np.ndim(kernel) == 2:
+      out[name] = np.shape(kernel)[0]
+  return out
+
+
+@jax.jit
+def _diagnostics_batch(capture_loss_fn, perturbations_fn, params, batch, weight):
+  """One capture pass over ``batch``: ``weight`` times (the mean gradient, and per Dense layer
+  the mean over examples and locations of |input| per unit [d_in]), and the losses [b]."""
+  def with_losses(p, q, b):
+    losses, kfac_collection = capture_loss_fn(p, q, b)
+    return losses, kfac_collection, losses
+
+  out = kfac.loss_grad_and_captures(with_losses, params, perturbations_fn(batch), batch,
+                                    has_aux=True)
+  units = {name: jnp.mean(jnp.abs(out.captures[name].inputs[..., :d].astype(jnp.float32)),
+                          axis=(0, 1))
+           for name, d in _dense_inputs(params, out.captures).items()}
+  return otu.tree_scale(weight, {"grads": out.grads, "units": units}), out.aux
+
+
+def _labels_of(batch):
+  if not (isinstance(batch, Mapping) and "labels" in batch):
+    raise ValueError("nonuniformity_diagnostics needs batches with a 'labels' entry ([b] integer "
+                     "classes or [b, C] one-hot), got "
+                     + (f"keys {sorted(batch)}" if isinstance(batch, Mapping)
+                        else type(batch).__name__))
+  return np.asarray(batch["labels"])
+
+
+def nonuniformity_diagnostics(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
+                              perturbations_fn: Callable, num_classes: int | None = None,
+                              key=None) -> dict:
+  """The four diagnostics of this module over the union of ``batches``, from one capture pass
+  per batch (``optim.kfac.loss_grad_and_captures``; a host loop over jitted steps, one
+  compilation per batch shape), as a flat dict of floats for the evaluators' scalars:
+
+      class_loss_imbalance            ``class_loss_imbalance`` of the per-example losses
+      channel_grad_norm_var/<layer>   ``channel_gradient_norm_variance`` of the mean gradient ḡ
+      update_skewness/<layer>,        ``update_moments`` of ḡ. A measure has no optimizer step,
+        update_kurtosis/<layer>       so these describe the gradient: the SGD update direction
+                                      up to the learning rate (not Adam's or SAM's update)
+      activation_disparity/<layer>    ``activation_disparity`` of each Dense layer's input
+                                      (captured layers with a 2-D kernel; bias column dropped)
+
+  All are exact over the union: ḡ is the size-weighted mean of the batch gradients, the losses
+  are concatenated, and the per-unit means of |input| are accumulated across batches before the
+  disparity is taken (not a mean of per-batch disparities). Positions (tokens) count like
+  examples; batches are assumed to share the number of positions per example.
+
+  Args:
+    capture_loss_fn: ``(params, perturbations, batch) -> (losses [b], 'kfac' collection)``, as
+      for the fast path of ``gradient_noise``.
+    params: the point θ.
+    batches: sequence of batches, each a dict with ``'labels'`` ([b] integer classes or [b, C]
+      one-hot/soft labels).
+    perturbations_fn: ``batch -> zero perturbations`` (as for ``gradient_noise``).
+    num_classes: C; by default the width of one-hot labels, else the largest label + 1.
+    key: unused (the diagnostics are exact); accepted for the common measure signature.
+
+  Returns:
+    dict of Python floats as above, plus ``class_losses`` (list [C], NaN for absent classes),
+    ``num_examples`` and ``num_batches``.
+  """
+  del key
+  groups = _tree.group_batches(batches)
+  ordered = list(_batches(groups))   # the order of the losses below
+  labels = np.concatenate([_labels_of(b) for b in ordered])
+  if num_classes is None:
+    num_classes = labels.shape[-1] if labels.ndim == 2 else int(np.max(labels)) + 1
+  _tree.check_positive_int("num_classes", num_classes)
+  if labels.ndim == 1 and np.max(labels) >= num_classes:
+    raise ValueError(f"labels go up to {int(np.max(labels))}, beyond num_classes={num_classes}")
+  capture_loss_fn, perturbations_fn = _as_pytree(capture_loss_fn), _as_pytree(perturbations_fn)
+  n = _tree.total_examples(groups)
+  total, losses = None, []
+  for batch in ordered:
+    part, batch_losses = _diagnostics_batch(capture_loss_fn, perturbations_fn, params, batch,
+                                            np.float32(_tree.num_examples(batch) / n))
+    total = part if total is None else _tree_add(total, part)
+    losses.append(batch_losses)
+  imbalance = class_loss_imbalance(jnp.concatenate(losses), labels, int(num_classes))
+  out = {"class_loss_imbalance": imbalance["imbalance"]}
+  out.update({f"channel_grad_norm_var/{k}": v
+              for k, v in channel_gradient_norm_variance(total["grads"]).items()})
+  for name, moments in update_moments(total["grads"]).items():
+    out[f"update_skewness/{name}"] = moments["skewness"]
+    out[f"update_kurtosis/{name}"] = moments["kurtosis"]
+  out.update({f"activation_disparity/{k}": activation_disparity(v[None])
+              for k, v in total["units"].items()})
+  return {**out, "class_losses": [float(c) for c in imbalance["class_losses"]],
+          "num_examples": n, "num_batches": len(ordered)}
