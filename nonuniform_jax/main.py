@@ -51,8 +51,52 @@ def main(argv):
     sys.exit(2)
 
 
+def _config_path(argv) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":", 1)[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return ""
+
+
+def parse_flags(argv):
+  """absl's flag parser, but a config file or override that fails while the flags are parsed
+  (an unknown variant, a missing file given with overrides, an unknown key, a bad value) ends
+  the process with one line and exit status 2, as every other bad setting does."""
+  try:
+    return flags.FLAGS(argv)
+  # ml_collections raises these from inside absl's parsing: OSError for a config file that did
+  # not load (once overrides ask it for their types), AttributeError for an unknown key.
+  except (flags.Error, OSError, AttributeError) as e:
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    message = lines[-1] if lines else text
+    path = _config_path(argv)
+    unknown = isinstance(e, AttributeError) or (
+        isinstance(e, flags.UnrecognizedFlagError) and e.flagname.startswith("config."))
+    if path and not os.path.exists(path):
+      message = (f"cannot load config file {path!r}: no such file (paths are relative to the "
+                 "current directory)")
+    elif "Error whilst parsing config file" in text:
+      message = f"config file {path!r}: {message}"
+    elif unknown:
+      name = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+                   and _unknown_key(a, text)), "--config.?")
+      message = (f"unknown setting {name}: the config {path!r} has no such key "
+                 "(configs/default.py lists every setting)")
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_key(arg: str, error_text: str) -> bool:
+  """Whether the override ``--config.a.b=...`` names the key an error complains about."""
+  keys = arg.split("=", 1)[0].removeprefix("--config.").split(".")
+  return any(f"'{k}'" in error_text for k in keys)
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,18 @@ def test_cli_bad_override_and_missing_config(tmp_path):
   assert result.stderr.strip().splitlines()[-1].startswith("error: unknown optimizer 'lamb'")
   assert len(result.stderr.strip().splitlines()) == 1
   assert sorted(os.listdir(workdir)) == ["keep.txt"]
-  result = _cli("--config=configs/nope.py", f"--workdir={workdir}", cwd=tmp_path)
-  assert result.returncode != 0
-  assert "nope.py" in result.stderr and "Traceback" not in result.stderr
-  assert sorted(os.listdir(workdir)) == ["keep.txt"]
+  for args, message in [
+      (("--config=configs/nope.py",), "error: cannot load config file"),
+      (("--config=configs/nope.py", "--config.num_steps=3"), "error: cannot load config file "
+                                                              "'configs/nope.py': no such file"),
+      ((f"--config={ROOT}/configs/cifar10_resnet20.py:lapto",),
+       "unknown config variant ['lapto']; choose from ['laptop']"),
+      ((f"--config={ROOT}/configs/default.py", "--config.optimizer.lrr=3"),
+       "error: unknown setting --config.optimizer.lrr: the config"),
+      ((f"--config={ROOT}/configs/default.py", "--config.num_steps=abc"),
+       "error: flag --config.num_steps=abc: invalid literal")]:
+    result = _cli(*args, f"--workdir={workdir}", cwd=tmp_path)
+    assert result.returncode == 2, (args, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+    assert message in result.stderr, (args, result.stderr)
+    assert sorted(os.listdir(workdir)) == ["keep.txt"]
