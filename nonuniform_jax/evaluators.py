@@ -18,7 +18,8 @@ import optax
 from nonuniform_jax import measures
 from nonuniform_jax.models import layers
 
-# name -> measure function (nonuniform_jax.measures). Each takes (loss_fn, params, batches, ...);
+# name -> measure function (nonuniform_jax.measures). Each takes (loss_fn, params, batches, ...),
+# or capture_loss_fn first for those built on one capture pass (kfac_structure, diagnostics);
 # the evaluator passes the keyword arguments it accepts among: key, per_example_loss_fn,
 # metric_fn, capture_loss_fn, perturbations_fn, num_classes.
 MEASURES = {

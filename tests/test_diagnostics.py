@@ -1,10 +1,15 @@
-"""The README diagnostics against explicit loops and scipy."""
+"""The README diagnostics against explicit loops and scipy, and the measure that computes them
+from a model against brute force."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.stats
 
-from nonuniform_jax import measures
+from nonuniform_jax import measures, models
+from nonuniform_jax.models import layers
 
 
 def tree(rng):
@@ -73,3 +78,60 @@ def test_activation_disparity():
   assert measures.activation_disparity(np.ones((4, 3))) == pytest.approx(0.0)
   with pytest.raises(ValueError, match="activations"):
     measures.activation_disparity(np.ones(4))
+
+
+def test_nonuniformity_diagnostics_against_brute_force():
+  """The measure over two batches of different sizes equals the array functions applied to the
+  losses, mean gradient and layer inputs of the concatenated data, computed directly."""
+  model = models.get_model("mlp", 3, widths=(8,))
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(19, 5)).astype(np.float32) * np.arange(1, 6, dtype=np.float32)
+  y = rng.integers(0, 3, 19)
+  batches = [{"inputs": x[:12], "labels": y[:12]}, {"inputs": x[12:], "labels": y[12:]}]
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def per_example_loss(params, x):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, x), y)
+
+  def capture_loss_fn(params, perturbations, batch):
+    logits, state = model.apply({"params": params, "perturbations": perturbations},
+                                batch["inputs"], mutable=["kfac"])
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]),
+            state["kfac"])
+
+  def perturbations_fn(batch):
+    return layers.zero_perturbations(model, {"params": params}, batch["inputs"])
+
+  out = measures.nonuniformity_diagnostics(capture_loss_fn, params, batches,
+                                           perturbations_fn=perturbations_fn, num_classes=4)
+  grads = jax.grad(lambda p: jnp.mean(per_example_loss(p, x)))(params)
+  _, state = model.apply({"params": params}, x, capture_intermediates=True,
+                         mutable=["intermediates"])
+  hidden = jax.nn.relu(state["intermediates"]["Dense_0"]["__call__"][0])  # Dense_1's input
+  imbalance = measures.class_loss_imbalance(per_example_loss(params, x), y, 4)
+  moments = measures.update_moments(grads)
+  channels = measures.channel_gradient_norm_variance(grads)
+  want = {"class_loss_imbalance": imbalance["imbalance"],
+          "activation_disparity/Dense_0": measures.activation_disparity(x),
+          "activation_disparity/Dense_1": measures.activation_disparity(hidden)}
+  for name in ("Dense_0", "Dense_1"):
+    want[f"channel_grad_norm_var/{name}"] = channels[name]
+    want[f"update_skewness/{name}"] = moments[name]["skewness"]
+    want[f"update_kurtosis/{name}"] = moments[name]["kurtosis"]
+  assert set(out) == set(want) | {"class_losses", "num_examples", "num_batches"}
+  for key, value in want.items():
+    np.testing.assert_allclose(out[key], value, rtol=1e-4, atol=1e-7, err_msg=key)
+  np.testing.assert_allclose(out["class_losses"], imbalance["class_losses"], rtol=1e-5)
+  assert np.isnan(out["class_losses"][3])   # class 3 of num_classes=4 is absent
+  assert (out["num_examples"], out["num_batches"]) == (19, 2)
+  # Without num_classes: the largest label + 1 (3 classes, all present; the same spread).
+  default = measures.nonuniformity_diagnostics(capture_loss_fn, params, batches,
+                                               perturbations_fn=perturbations_fn)
+  assert len(default["class_losses"]) == 3
+  assert default["class_loss_imbalance"] == pytest.approx(out["class_loss_imbalance"])
+  with pytest.raises(ValueError, match="'labels'"):
+    measures.nonuniformity_diagnostics(capture_loss_fn, params, [{"inputs": x}],
+                                       perturbations_fn=perturbations_fn)
+  with pytest.raises(ValueError, match="num_classes=2"):
+    measures.nonuniformity_diagnostics(capture_loss_fn, params, batches,
+                                       perturbations_fn=perturbations_fn, num_classes=2)

@@ -37,6 +37,7 @@ def test_measures_on_schedule_with_settings(measured_run):
     assert record["measure/lambda_max/lambda_max"] > 0
     assert record["measure/gradient_noise/trace_sigma"] > 0
     assert "measure/wu_nonuniformity/nonuniformity" in record
+    assert "measure/diagnostics/class_loss_imbalance" in record
     # The measures' loss is the training-subset evaluation loss: same examples, same mode.
     np.testing.assert_allclose(record["measure/sam_sharpness/loss"], record["eval_train_loss"],
                                rtol=1e-5)
