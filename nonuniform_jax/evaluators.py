@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.tree_util import Partial
 
 from nonuniform_jax import measures
 from nonuniform_jax.models import layers
@@ -83,50 +84,76 @@ def subset_batches(source, num_examples: int, batch_size: int) -> list:
   return out
 
 
-def loss_functions(model, batch_stats, bn_mode: str) -> dict:
-  """Loss, per-example loss, accuracy and capture functions of ``params`` for the measures.
+# (id(model), train) -> (model, the plain functions of ``_plain_functions``). Kept for the
+# process: a run's model is one object, so every evaluation reuses the same functions.
+_FUNCTIONS: dict = {}
 
-  ``bn_mode='running'`` normalises with the running averages (evaluation mode);
-  ``'batch'`` with each batch's own statistics (training mode, running averages untouched).
-  Dropout is off in both.
+
+def _plain_functions(model, train: bool) -> dict:
+  """The loss functions of ``model`` with the BatchNorm statistics as their first argument.
+
+  Built once per (model, mode): the measures jit on the function's identity and trace its
+  arguments, so evaluations at later steps (new parameters, new statistics) reuse their
+  compilations instead of tracing and compiling every measure again.
   """
-  train = bn_mode == "batch" and bool(batch_stats)
+  key = (id(model), train)
+  if key in _FUNCTIONS and _FUNCTIONS[key][0] is model:
+    return _FUNCTIONS[key][1]
 
-  def variables(params, **extra):
+  def variables(batch_stats, params, **extra):
     v = {"params": params, **extra}
     if batch_stats:
       v["batch_stats"] = batch_stats
     return v
 
-  def logits_of(params, x):
-    if train:
-      return model.apply(variables(params), x, train=True, mutable=["batch_stats"])[0]
-    return model.apply(variables(params), x, train=False)
+  def logits_of(batch_stats, params, x):
+    if train and batch_stats:
+      return model.apply(variables(batch_stats, params), x, train=True,
+                         mutable=["batch_stats"])[0]
+    return model.apply(variables(batch_stats, params), x, train=False)
 
-  def per_example_loss_fn(params, batch):
+  def per_example_loss_fn(batch_stats, params, batch):
     return optax.softmax_cross_entropy_with_integer_labels(
-        logits_of(params, batch["inputs"]).astype(jnp.float32), batch["labels"])
+        logits_of(batch_stats, params, batch["inputs"]).astype(jnp.float32), batch["labels"])
 
-  def loss_fn(params, batch):
-    return jnp.mean(per_example_loss_fn(params, batch))
+  def loss_fn(batch_stats, params, batch):
+    return jnp.mean(per_example_loss_fn(batch_stats, params, batch))
 
-  def metric_fn(params, batch):
-    return jnp.mean(jnp.argmax(logits_of(params, batch["inputs"]), -1) == batch["labels"])
+  def metric_fn(batch_stats, params, batch):
+    return jnp.mean(jnp.argmax(logits_of(batch_stats, params, batch["inputs"]), -1)
+                    == batch["labels"])
 
-  def capture_loss_fn(params, perturbations, batch):
-    logits, state = model.apply(variables(params, perturbations=perturbations),
-                                batch["inputs"], train=train,
-                                mutable=["kfac"] + (["batch_stats"] if train else []))
+  def capture_loss_fn(batch_stats, params, perturbations, batch):
+    bn_train = train and bool(batch_stats)
+    logits, state = model.apply(variables(batch_stats, params, perturbations=perturbations),
+                                batch["inputs"], train=bn_train,
+                                mutable=["kfac"] + (["batch_stats"] if bn_train else []))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                              batch["labels"])
     return losses, state["kfac"]
 
-  def perturbations_fn(params, batch):
-    return layers.zero_perturbations(model, variables(params), batch["inputs"], train=train)
+  def perturbations_fn(batch_stats, params, batch):   # shapes only: jax.eval_shape inside
+    return layers.zero_perturbations(model, variables(batch_stats, params), batch["inputs"],
+                                     train=train and bool(batch_stats))
 
-  return {"loss_fn": loss_fn, "per_example_loss_fn": per_example_loss_fn,
-          "metric_fn": metric_fn, "capture_loss_fn": capture_loss_fn,
-          "perturbations_fn": perturbations_fn}
+  fns = {"loss_fn": loss_fn, "per_example_loss_fn": per_example_loss_fn,
+         "metric_fn": metric_fn, "capture_loss_fn": capture_loss_fn,
+         "perturbations_fn": perturbations_fn}
+  _FUNCTIONS[key] = (model, fns)
+  return fns
+
+
+def loss_functions(model, batch_stats, bn_mode: str) -> dict:
+  """Loss, per-example loss, accuracy and capture functions of ``params`` for the measures.
+
+  ``bn_mode='running'`` normalises with the running averages (evaluation mode);
+  ``'batch'`` with each batch's own statistics (training mode, running averages untouched).
+  Dropout is off in both. Each is a ``jax.tree_util.Partial`` over ``batch_stats``: new
+  statistics are traced arguments, so the measures do not recompile when they change.
+  ``perturbations_fn`` takes ``(params, batch)``.
+  """
+  fns = _plain_functions(model, bn_mode == "batch")
+  return {name: Partial(fn, batch_stats) for name, fn in fns.items()}
 
 
 def _jsonable(value) -> Any:
@@ -168,14 +195,9 @@ def run(names: Sequence[str], settings: dict, model, params, batch_stats, batche
   """Computes each measure in ``names`` at ``params``; returns {name: JSON-able result} with
   the settings used (the measure's own, plus subset size, BatchNorm mode, seed, seconds)."""
   fns = loss_functions(model, batch_stats, bn_mode)
-  shapes = {}
-
-  def perturbations_fn(batch):  # shapes found once per batch size; zeros made where traced
-    size = batch["labels"].shape[0]
-    if size not in shapes:
-      shapes[size] = jax.eval_shape(fns["perturbations_fn"], params, batch)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[size])
-
+  # The measures call perturbations_fn(batch); its parameters are traced arguments too.
+  perturbations_fn = Partial(_plain_functions(model, bn_mode == "batch")["perturbations_fn"],
+                             batch_stats, params)
   available = {**fns, "perturbations_fn": perturbations_fn, "num_classes": num_classes}
   results = {}
   for i, name in enumerate(names):

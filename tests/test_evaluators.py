@@ -95,3 +95,26 @@ def test_bad_measure_settings(overrides, message, tmp_path):
 def test_measure_command_errors(tmp_path):
   with pytest.raises(ValueError, match="no run in workdir"):
     measure.measure(str(tmp_path), ["lambda_max"])
+
+
+def test_later_evaluations_reuse_compilations():
+  """New parameters and BatchNorm statistics are traced arguments of the measures' functions:
+  a second evaluation compiles nothing, in either BatchNorm mode."""
+  from nonuniform_jax.measures import hessian  # pylint: disable=g-import-not-at-top
+  from tests.test_train_step import TinyBN  # pylint: disable=g-import-not-at-top
+  model = TinyBN()
+  rng = np.random.default_rng(0)
+  batches = [{"inputs": rng.normal(size=(8, 6, 6, 3)).astype(np.float32),
+              "labels": rng.integers(0, 3, 8)}]
+  variables = model.init(jax.random.key(0), batches[0]["inputs"])
+  names = ["lambda_max", "gradient_noise"]
+  settings = {"lambda_max": {"num_iters": 5}, "gradient_noise": {"method": "chunked"}}
+  for bn_mode in ("running", "batch"):
+    first = evaluators.run(names, settings, model, variables["params"],
+                           variables["batch_stats"], batches, bn_mode=bn_mode)
+    compiled = hessian._top_eigenvalues._cache_size()
+    params = jax.tree.map(lambda p: p + 0.1, variables["params"])
+    stats = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
+    second = evaluators.run(names, settings, model, params, stats, batches, bn_mode=bn_mode)
+    assert hessian._top_eigenvalues._cache_size() == compiled
+    assert second["lambda_max"]["lambda_max"] != first["lambda_max"]["lambda_max"]
