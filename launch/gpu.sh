@@ -3,6 +3,9 @@
 #
 #   launch/gpu.sh CONFIG WORKDIR [--config.key=value ...]          # one host, all its GPUs
 #
+# It runs from the repository root wherever it is called from, so a relative CONFIG or WORKDIR
+# is relative to the root; overrides are passed on word for word.
+#
 # Several hosts without SLURM: run the same command on every host with
 #   JAX_COORDINATOR_ADDRESS=host0:12345 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i launch/gpu.sh ...
 # With SLURM: sbatch launch/slurm_gpu.sbatch CONFIG WORKDIR [overrides] (one task per host).
@@ -11,7 +14,7 @@
 # shared filesystem path or a bucket; every process writes its checkpoint shards, process 0 the
 # logs and the summary.
 set -euo pipefail
-if [ $# -lt 2 ]; then sed -n '2,13p' "$0"; exit 2; fi
+if [ $# -lt 2 ]; then sed -n '2,15p' "$0"; exit 2; fi
 cd "$(dirname "$0")/.."
 CONFIG=$1 WORKDIR=$2
 shift 2
