@@ -315,7 +315,7 @@ def _train(config, workdir: str, settings: dict) -> dict:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
   started = time.time()
-  status = wd.prepare(workdir, config.to_dict(), config.overwrite)
+  status = wd.prepare_once(workdir, config.to_dict(), config.overwrite)
   summary_path = os.path.join(workdir, wd.SUMMARY_FILE)
   if status == "completed":
     summary = wd.read_json(summary_path)

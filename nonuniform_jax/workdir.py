@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from etils import epath
+import jax
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -75,17 +76,20 @@ def write_json(path, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def prepare(workdir: str, config: dict, overwrite: bool) -> str:
+def prepare(workdir: str, config: dict, overwrite: bool, *, write: bool = True) -> str:
   """Claims ``workdir`` for a run of ``config``.
 
   Returns 'new' (empty or replaced), 'resume' (same config, unfinished) or 'completed' (same
   config, finished). A workdir holding a different config raises ValueError and is left as it
-  was, unless ``overwrite``, in which case the old run's files are removed first.
+  was, unless ``overwrite``, in which case the old run's files are removed first. With
+  ``write=False`` it only reads: the same status or error, and nothing written or removed.
   """
   config = json.loads(json.dumps(config, default=str))   # as it reads back (tuples are lists)
   root = epath.Path(workdir)
   config_path = root / CONFIG_FILE
-  if config_path.exists():
+  existing = config_path.exists()
+  status = "new"
+  if existing:
     diffs = config_differences(read_json(config_path), config)
     if diffs and not overwrite:
       shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
@@ -95,12 +99,32 @@ def prepare(workdir: str, config: dict, overwrite: bool) -> str:
       summary = root / SUMMARY_FILE
       if summary.exists() and read_json(summary).get("status") == "completed":
         return "completed"
-      write_json(config_path, config)
-      return "resume"
-    clear(root)
-  root.mkdir(parents=True, exist_ok=True)
-  write_json(config_path, config)
-  return "new"
+      status = "resume"
+  if write:
+    if status == "new" and existing:
+      clear(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(config_path, config)
+  return status
+
+
+def prepare_once(workdir: str, config: dict, overwrite: bool) -> str:
+  """:func:`prepare` for a run of any number of processes, each of which calls this.
+
+  Every process reads the status from the same files (and raises the same error, before any
+  process waits for another); then process 0 alone writes and removes, so that processes do not
+  write one file at once or delete what another has just written; no process returns before it
+  has.
+  """
+  if jax.process_count() == 1:
+    return prepare(workdir, config, overwrite)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  status = prepare(workdir, config, overwrite, write=False)
+  multihost_utils.sync_global_devices("workdir read")
+  if jax.process_index() == 0:
+    prepare(workdir, config, overwrite)
+  multihost_utils.sync_global_devices("workdir prepared")
+  return status
 
 
 def clear(root: epath.Path) -> None:
