@@ -42,6 +42,9 @@ MEASURES = {
 NONUNIFORMITY = ("gradient_noise", "batch_gradient_noise", "wu_nonuniformity", "kfac_structure",
                  "diagnostics")
 BN_MODES = ("running", "batch")
+# Measures built on per-example gradients or Hessians: meaningless with BatchNorm in 'batch'
+# mode (one example's own statistics), so a run refuses that combination.
+PER_EXAMPLE = ("gradient_noise", "wu_nonuniformity", "kfac_structure")
 # Arguments without defaults that the settings must supply.
 _REQUIRED = {"top_eigenvalues": ("k",), "sam_sharpness": ("rho",),
              "worst_case_sharpness": ("rho",), "average_sharpness": ("rho",),

@@ -274,11 +274,16 @@ def build(config, settings: dict) -> Run:
     key = jax.random.key(0)
     kfac_layers = kfac.layer_names(jax.eval_shape(lambda: layers.zero_perturbations(
         model, model.init(key, x), x, train=True, rngs={"dropout": key})))
-  if {"per_example_grads", "per_example_loss_fn"} & set(extra):
-    if "batch_stats" in jax.eval_shape(lambda: model.init(jax.random.key(0), x)):
-      raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, "
-                       f"which BatchNorm (in model {config.model.name!r}) does not have; "
-                       "choose a model without BatchNorm")
+  has_bn = "batch_stats" in jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  if {"per_example_grads", "per_example_loss_fn"} & set(extra) and has_bn:
+    raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, "
+                     f"which BatchNorm (in model {config.model.name!r}) does not have; "
+                     "choose a model without BatchNorm")
+  per_example = sorted(set(measure_names(config)) & set(evaluators.PER_EXAMPLE))
+  if has_bn and config.measures.bn_mode == "batch" and per_example:
+    raise ValueError(f"measures {per_example} take per-example gradients or Hessians, which "
+                     f"BatchNorm in 'batch' mode (model {config.model.name!r}) would normalise "
+                     "by each example's own statistics; use measures.bn_mode 'running'")
   tx, schedule, passes, l2 = build_optimizer(config, num_steps, ds.num_train, kfac_layers)
   mesh = parallel.data_mesh(jax.devices()[:settings["num_devices"]])
 
@@ -315,7 +320,9 @@ def _train(config, workdir: str, settings: dict) -> dict:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
   started = time.time()
-  status = wd.prepare_once(workdir, config.to_dict(), config.overwrite)
+  # Read first (a different config is refused here), build (what only the data and the model
+  # can refuse, e.g. BatchNorm under SAM-GCM, stops here), and only then write to the workdir.
+  status = wd.prepare(workdir, config.to_dict(), config.overwrite, write=False)
   summary_path = os.path.join(workdir, wd.SUMMARY_FILE)
   if status == "completed":
     summary = wd.read_json(summary_path)
@@ -326,6 +333,7 @@ def _train(config, workdir: str, settings: dict) -> dict:
 
   ds, model, tx, schedule, passes, l2, num_steps, mesh, state, state_sharding = build(
       config, settings)
+  wd.prepare_once(workdir, config.to_dict(), config.overwrite)
   batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   if is_main:
     data.write_label_noise(ds, workdir)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -196,3 +197,23 @@ def test_cli_bad_override_and_missing_config(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
     assert message in result.stderr, (args, result.stderr)
     assert sorted(os.listdir(workdir)) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"optimizer.name": "sam_gcm"}, "optimizer 'sam_gcm' needs per-example gradients, which "
+                                    "BatchNorm (in model 'vgg16_bn') does not have"),
+    ({"measure_nonuniformity": True, "measures.bn_mode": "batch",
+      "measures.settings.batch_gradient_noise.batch_size": 16},
+     "measures ['gradient_noise', 'kfac_structure', 'wu_nonuniformity'] take per-example"),
+])
+def test_model_dependent_refusals_leave_the_workdir_untouched(overrides, message, tmp_path):
+  """What only the model can tell (it has BatchNorm) is refused before the workdir is written."""
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "keep.txt").write_text("precious")
+  config = small_config(dataset="digits", **overrides)
+  config.model = ml_collections.ConfigDict({"name": "vgg16_bn", "stages": ((8,),)})
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(config, str(workdir))
+  assert message in str(info.value) and "\n" not in str(info.value)
+  assert sorted(os.listdir(workdir)) == ["keep.txt"]
