@@ -179,7 +179,7 @@ def _jsonable(value) -> Any:
 _SETTING_KEYS = {"num_iters", "tol", "seed", "num_examples", "num_batches", "seconds", "rho", "eta",
                  "num_steps", "step_size", "num_draws", "num_probes", "target", "magnitude_eps",
                  "sigma_max", "search_depth", "tolerance", "num_samples", "chunk_size", "k",
-                 "batch_size", "iterations", "num_hvps", "gsnr_num_params"}
+                 "batch_size", "iterations", "num_hvps", "gsnr_num_params", "subset_batch_size"}
 
 
 def scalars(results: dict) -> dict:
@@ -215,7 +215,9 @@ def run(names: Sequence[str], settings: dict, model, params, batch_stats, batche
     start = time.time()
     result = fn(fns[first], params, batches, **kwargs)
     result = _jsonable(result)
-    result.update({"num_examples": sum(len(b["labels"]) for b in batches), "bn_mode": bn_mode,
+    result.update({"num_examples": sum(len(b["labels"]) for b in batches),
+                   "subset_batch_size": max(len(b["labels"]) for b in batches),
+                   "bn_mode": bn_mode,
                    "seed": seed, "seconds": time.time() - start})
     results[name] = result
   return results

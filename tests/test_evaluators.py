@@ -45,6 +45,7 @@ def test_measures_on_schedule_with_settings(measured_run):
   assert [r["step"] for r in logged] == [10, 20]
   assert logged[0]["lambda_max"]["num_iters"] == 30
   assert logged[0]["gradient_noise"]["num_examples"] == 64
+  assert logged[0]["gradient_noise"]["subset_batch_size"] == 32
   assert logged[0]["batch_gradient_noise"]["num_batches"] == 4
   assert logged[0]["gradient_noise"]["bn_mode"] == "running"
   assert set(summary["measures"]) == {"lambda_max", "sam_sharpness", *evaluators.NONUNIFORMITY}
