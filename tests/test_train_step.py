@@ -106,8 +106,9 @@ def test_m_sharpness_groups_match_per_group_reference():
                new.batch_stats, *group_stats)
 
 
-@pytest.mark.parametrize("passes, groups", [(1, 1), (2, 1), (2, 4)])
+@pytest.mark.parametrize("passes, groups", [(1, 1), (2, 1), (2, 4), (3, 1)])
 def test_one_forward_pass_per_gradient_evaluation(passes, groups):
+  """SGD 1, SAM 2 (also with m groups: one vmapped pass each), CSAM 3 forward passes."""
   model, batch, variables = setup()
   calls = []
 
@@ -117,8 +118,8 @@ def test_one_forward_pass_per_gradient_evaluation(passes, groups):
       return super().__call__(*args, **kwargs)
 
   counting = Counting()
-  tx = optax.sgd(LR) if passes == 1 else optax.chain(optim.sam(RHO, grouped=groups > 1),
-                                                     optax.sgd(LR))
+  perturb = {1: None, 2: optim.sam(RHO, grouped=groups > 1), 3: optim.csam(0.05, 0.1, 0.9)}
+  tx = optax.chain(*filter(None, [perturb[passes]]), optax.sgd(LR))
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                            batch_stats=variables["batch_stats"],
                            opt_state=tx.init(variables["params"]))
@@ -222,3 +223,16 @@ def test_weight_decay_placement_against_hand_written_step(in_perturbation):
   other = reference(0.0, wd) if in_perturbation else reference(wd, 0.0)
   np.testing.assert_allclose(flat(got), flat(want), rtol=1e-5, atol=1e-6)
   assert np.max(np.abs(flat(got) - flat(other))) > 1e-5   # the placements differ
+
+
+def test_nonuniform_sam_is_csam_in_configs():
+  """The paper README's name for CSAM selects the same three-pass transformation."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import train  # pylint: disable=g-import-not-at-top
+  c = default.get_config()
+  c.optimizer.name = "nonuniform_sam"
+  train.check_config(c)
+  _, _, passes, _ = train.build_optimizer(c, num_steps=10)
+  assert passes == 3 and train.family_extra_args(c) == ()
+  c.csam.metric = "kfac"
+  assert train.family_extra_args(c) == ("kfac_factors",)
