@@ -74,7 +74,14 @@ def _mean0(tree):
 def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: float = 0.0,
                     passes: int = 1, groups: int = 1, grouped_perturbation: bool = False,
                     bn_policy: str = "clean", extra_args: tuple[str, ...] = ()) -> Callable:
-  """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
+  """Returns ``train_step(state, batch, kfac_due=None) -> (state, metrics)`` (not yet jitted).
+
+  ``kfac_due`` (with 'kfac_factors' only): whether this step refreshes the K-FAC statistics, as
+  a Python bool known to the caller (jit it as a static argument: two programs, each with only
+  its own pass), or None to read it from the optimizer state and choose with ``lax.cond`` (one
+  program). XLA:CPU runs convolutions inside a conditional many times slower (measured 26x on
+  ResNet-20), so the trainer passes the bool; it must equal ``kfac.stats_due(opt_state)``,
+  i.e. ``update_index % stats_every == 0``.
 
   Args:
     model: a Flax module called as ``model.apply(variables, x, train=...)``.
@@ -104,7 +111,7 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
   base_key = jax.random.key(seed)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, kfac_due: bool | None = None):
     key = jax.random.fold_in(base_key, state.step)
     if groups > 1:
       gbatch = _group(batch, groups)
@@ -120,7 +127,8 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
       out = kfac.loss_grad_and_factors(
           _capturing_loss(model, label_smoothing, l2), state.params,
           _zero_perturbations(model, state, batch, key), state.batch_stats, batch, key,
-          due=kfac.stats_due(state.opt_state), has_aux=True)
+          due=kfac.stats_due(state.opt_state) if kfac_due is None else bool(kfac_due),
+          has_aux=True)
       loss, grads, (logits, stats) = out.loss, out.grads, out.aux
     else:
       (loss, (logits, stats)), grads = value_and_grad(state.params, state.batch_stats, batch,

@@ -360,7 +360,11 @@ def _train(config, workdir: str, settings: dict) -> dict:
                             bn_policy=config.sam.bn_policy,
                             extra_args=family_extra_args(config)),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=0)
+      static_argnames=("kfac_due",), donate_argnums=0)
+  # K-FAC statistics refresh on update indices 0, stats_every, ...: told to the step as a
+  # static bool (two programs) rather than a traced lax.cond, which XLA:CPU runs far slower.
+  kfac_every = (config.kfac.stats_every if "kfac_factors" in family_extra_args(config)
+                else None)
   eval_step = jax.jit(steps.make_eval_step(model))
 
   names = measure_names(config)
@@ -376,7 +380,11 @@ def _train(config, workdir: str, settings: dict) -> dict:
   window, window_start, window_time = [], start_step, time.time()
   final, diverged_step = {}, None
   for step in range(start_step + 1, num_steps + 1):
-    state, step_metrics = train_step(state, next(batches))
+    if kfac_every:
+      state, step_metrics = train_step(state, next(batches),
+                                       kfac_due=(step - 1) % kfac_every == 0)
+    else:
+      state, step_metrics = train_step(state, next(batches))
     window.append(step_metrics)
     is_log = step % config.log_every == 0 or step == num_steps
     is_eval = step % config.eval_every == 0 or step == num_steps

@@ -236,3 +236,32 @@ def test_nonuniform_sam_is_csam_in_configs():
   assert passes == 3 and train.family_extra_args(c) == ()
   c.csam.metric = "kfac"
   assert train.family_extra_args(c) == ("kfac_factors",)
+
+
+def test_kfac_due_as_a_static_bool_equals_the_traced_choice():
+  """The trainer tells the K-FAC step whether it refreshes (a static bool: no lax.cond, which
+  XLA:CPU runs slowly around convolutions); over steps that do and do not refresh, the result
+  equals the step that reads it from the optimizer state."""
+  from nonuniform_jax.models.layers import zero_perturbations  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax.optim import kfac  # pylint: disable=g-import-not-at-top
+  model, batch, variables = setup()
+  perts = zero_perturbations(model, variables, batch["inputs"], train=True)
+  every = 2
+  tx = optax.chain(optim.csam(0.05, 0.1, 0.9, metric="kfac", stats_every=every, inverse_every=2,
+                              kfac_layers=kfac.layer_names(perts)), optax.sgd(LR))
+  step = steps.make_train_step(model, tx, seed=0, passes=3, extra_args=("kfac_factors",))
+  traced = jax.jit(step)
+  static = jax.jit(step, static_argnames=("kfac_due",))
+  a = b = c = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                               batch_stats=variables["batch_stats"],
+                               opt_state=tx.init(variables["params"]))
+  for i in range(5):
+    assert bool(kfac.stats_due(b.opt_state)) == (i % every == 0)
+    a = traced(a, batch)[0]
+    b = static(b, batch, kfac_due=i % every == 0)[0]
+    c = static(c, batch, kfac_due=i == 0)[0]   # a wrong schedule: zero statistics at step 2
+  flat = lambda s: np.concatenate([np.ravel(x) for x in jax.tree.leaves((s.params,
+                                                                       s.batch_stats))])
+  # Equal up to float32 rounding through three eigendecompositions of differently fused programs.
+  np.testing.assert_allclose(flat(b), flat(a), rtol=2e-3, atol=5e-5)
+  assert np.max(np.abs(flat(c) - flat(a))) > 1e-3
