@@ -54,6 +54,10 @@ def test_paper_cifar_setting(monkeypatch, tmp_path):
           c.label_smoothing, c.augment) == ("sgd", 0.1, 0.9, 5e-4, "cosine", 128, 200.0, 0.1, True)
   noisy = load("cifar10_label_noise", "asymmetric,0.4", monkeypatch, tmp_path)
   assert (noisy.label_noise.kind, noisy.label_noise.rate) == ("asymmetric", 0.4)
+  noisy100 = load("cifar10_label_noise", "asymmetric,0.2,cifar100,laptop", monkeypatch, tmp_path)
+  assert (noisy100.dataset, noisy100.label_noise.kind, noisy100.label_noise.rate) == (
+      "cifar100", "asymmetric", 0.2)
+  train.check_config(noisy100)
   with pytest.raises(ValueError, match="unknown config variant"):
     load("cifar10_resnet20", "laptp", monkeypatch, tmp_path)
   with pytest.raises(ValueError, match="more than one"):
