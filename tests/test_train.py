@@ -217,3 +217,36 @@ def test_model_dependent_refusals_leave_the_workdir_untouched(overrides, message
     train.train_and_evaluate(config, str(workdir))
   assert message in str(info.value) and "\n" not in str(info.value)
   assert sorted(os.listdir(workdir)) == ["keep.txt"]
+
+
+def test_kill_9_then_rerun_matches_uninterrupted(tmp_path):
+  """The command line killed with SIGKILL after its first checkpoint, then run again, ends with
+  the metrics and parameters of an uninterrupted run."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  overrides = ["--config.num_steps=1500", "--config.log_every=50", "--config.eval_every=100",
+               "--config.checkpoint_every=100", "--config.train_eval_examples=256"]
+  args = [sys.executable, "-m", "nonuniform_jax.main", f"--config={ROOT}/configs/default.py",
+          *overrides]
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  subprocess.run([*args, f"--workdir={whole}"], env=env, check=True, capture_output=True,
+                 timeout=300)
+  process = subprocess.Popen([*args, f"--workdir={killed}"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    done = [d for d in os.listdir(killed / "checkpoints")] if (killed / "checkpoints").exists() \
+        else []
+    if any(d.isdigit() for d in done):
+      break
+    time.sleep(0.05)
+  assert process.poll() is None, "the run ended before it could be killed: make it longer"
+  os.kill(process.pid, signal.SIGKILL)
+  process.wait()
+  assert not (killed / "summary.json").exists()
+  subprocess.run([*args, f"--workdir={killed}"], env=env, check=True, capture_output=True,
+                 timeout=300)
+  assert json.loads((killed / "summary.json").read_text())["status"] == "completed"
+  assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+  jax.tree.map(np.testing.assert_array_equal, final_params(str(killed)), final_params(str(whole)))
