@@ -360,7 +360,7 @@ def _train(config, workdir: str, settings: dict) -> dict:
                             bn_policy=config.sam.bn_policy,
                             extra_args=family_extra_args(config)),
       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-      static_argnames=("kfac_due",), donate_argnums=0)
+      static_argnums=2, donate_argnums=0)   # 2: kfac_due (a keyword is refused with shardings)
   # K-FAC statistics refresh on update indices 0, stats_every, ...: told to the step as a
   # static bool (two programs) rather than a traced lax.cond, which XLA:CPU runs far slower.
   kfac_every = (config.kfac.stats_every if "kfac_factors" in family_extra_args(config)
@@ -381,10 +381,9 @@ def _train(config, workdir: str, settings: dict) -> dict:
   final, diverged_step = {}, None
   for step in range(start_step + 1, num_steps + 1):
     if kfac_every:
-      state, step_metrics = train_step(state, next(batches),
-                                       kfac_due=(step - 1) % kfac_every == 0)
+      state, step_metrics = train_step(state, next(batches), (step - 1) % kfac_every == 0)
     else:
-      state, step_metrics = train_step(state, next(batches))
+      state, step_metrics = train_step(state, next(batches), None)
     window.append(step_metrics)
     is_log = step % config.log_every == 0 or step == num_steps
     is_eval = step % config.eval_every == 0 or step == num_steps

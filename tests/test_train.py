@@ -250,3 +250,21 @@ def test_kill_9_then_rerun_matches_uninterrupted(tmp_path):
   assert json.loads((killed / "summary.json").read_text())["status"] == "completed"
   assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
   jax.tree.map(np.testing.assert_array_equal, final_params(str(killed)), final_params(str(whole)))
+
+
+@pytest.mark.parametrize("name", ["gam", "sam_gcm", "cov"])
+def test_the_rest_of_the_family_trains_end_to_end(name, tmp_path):
+  """GAM (K-FAC captures on refresh steps), SAM-GCM (per-example gradients) and COV
+  (per-example losses) through the trainer on the offline default."""
+  config = small_config(**{"optimizer.name": name, "num_steps": 6, "log_every": 2,
+                           "eval_every": 6, "checkpoint_every": 6, "kfac.stats_every": 2,
+                           "kfac.inverse_every": 2, "batch_size": 32})
+  config.model.widths = (16,)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["status"] == "completed"
+  lines = read_lines(os.path.join(tmp_path, "metrics.jsonl"))
+  assert len(lines) == 3 and all(np.isfinite(r["train_loss"]) for r in lines)
+  params = final_params(str(tmp_path))
+  init = train.build(config, train.check_config(config)).state.params
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                   jax.tree.leaves(init)))
