@@ -81,7 +81,8 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
   its own pass), or None to read it from the optimizer state and choose with ``lax.cond`` (one
   program). XLA:CPU runs convolutions inside a conditional many times slower (measured 26x on
   ResNet-20), so the trainer passes the bool; it must equal ``kfac.stats_due(opt_state)``,
-  i.e. ``update_index % stats_every == 0``.
+  i.e. ``update_index % stats_every == 0``. It goes on to ``tx.update`` as ``kfac_due``, so a
+  step that does not refresh also skips the factor schedule's conditionals.
 
   Args:
     model: a Flax module called as ``model.apply(variables, x, train=...)``.
@@ -136,6 +137,8 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
     extra = {}
     if "kfac_factors" in extra_args:
       extra["kfac_factors"] = out.factors
+      if kfac_due is not None:   # the factor update too is chosen while tracing
+        extra["kfac_due"] = bool(kfac_due)
     # Per-example losses: each example on its own (models without BatchNorm, whose examples
     # do not interact).
     def example_loss(params, example):

@@ -372,3 +372,32 @@ def test_update_state_schedule_and_conditional_factors():
       np.testing.assert_allclose(recon, eig_from[n].a, rtol=1e-3, atol=1e-4)
   assert step._cache_size() == 1
   assert kfac.stats_due((optax.EmptyState(), {"inner": state})) is state.stats_due
+
+
+@pytest.mark.parametrize("inverse_every", [2, 4, 3])
+def test_update_state_with_a_static_schedule_equals_the_traced_one(inverse_every):
+  """``due`` given as a Python bool (the trainer knows the schedule) gives the state the traced
+  schedule gives, step by step: inverse periods equal to, a multiple of, and not a multiple of
+  the statistics period (the last keeps a traced choice for the inverse)."""
+  model, x, y, solved = solve("mlp")
+  params, batch = solved["params"], solved["factors"]
+  names = kfac.layer_names(solved["perturbations"])
+  settings = dict(ema_decay=0.9, stats_every=2, inverse_every=inverse_every)
+  traced = jax.jit(lambda s, b: kfac.update_state(s, b, **settings))
+  static = jax.jit(lambda s, b, due: kfac.update_state(s, b, due=due, **settings),
+                   static_argnums=2)
+  a = b = kfac.init_state(params, names)
+  for i in range(7):
+    scaled = jax.tree.map(lambda f, c=1.0 + i: c * f, batch)
+    due = bool(b.stats_due)
+    assert due == (i % 2 == 0)
+    a, b = traced(a, scaled), static(b, scaled, due)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7),
+                 (b.step, b.factors, b.stats_due), (a.step, a.factors, a.stats_due))
+    for n in names:   # eigenvalues, and eigenvectors up to sign
+      ea, eb = a.eigen[n], b.eigen[n]
+      for u, v in ((ea.la, eb.la), (ea.lg, eb.lg)):
+        np.testing.assert_allclose(v, u, rtol=1e-5, atol=1e-6)
+      for u, v in ((ea.qa, eb.qa), (ea.qg, eb.qg)):
+        np.testing.assert_allclose(np.abs(v), np.abs(u), rtol=1e-4, atol=1e-5)
+  assert static._cache_size() == 2

@@ -259,9 +259,16 @@ def test_kfac_due_as_a_static_bool_equals_the_traced_choice():
     assert bool(kfac.stats_due(b.opt_state)) == (i % every == 0)
     a = traced(a, batch)[0]
     b = static(b, batch, kfac_due=i % every == 0)[0]
-    c = static(c, batch, kfac_due=i == 0)[0]   # a wrong schedule: zero statistics at step 2
+    c = static(c, batch, kfac_due=i == 0)[0]   # a wrong schedule: no refresh at steps 2 and 4
+    if i == 0:
+      first = np.concatenate([np.ravel(x) for x in jax.tree.leaves(c.opt_state[0].kfac.factors)])
   flat = lambda s: np.concatenate([np.ravel(x) for x in jax.tree.leaves((s.params,
                                                                        s.batch_stats))])
+  factors = lambda s: np.concatenate([np.ravel(x) for x in
+                                      jax.tree.leaves(s.opt_state[0].kfac.factors)])
   # Equal up to float32 rounding through three eigendecompositions of differently fused programs.
   np.testing.assert_allclose(flat(b), flat(a), rtol=2e-3, atol=5e-5)
-  assert np.max(np.abs(flat(c) - flat(a))) > 1e-3
+  np.testing.assert_allclose(factors(b), factors(a), rtol=1e-4, atol=1e-6)
+  # The wrong schedule keeps step 0's statistics untouched, where the right one refreshed them.
+  np.testing.assert_array_equal(factors(c), first)
+  assert np.max(np.abs(factors(a) - first)) > 1e-3

@@ -52,6 +52,8 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
   With ``metric='kfac'`` also pass ``kfac_factors=``: the batch ``{layer: kfac.Factors}`` of the
   clean pass, from ``kfac.loss_grad_and_factors(..., due=kfac.stats_due(opt_state))`` (which
   skips the statistics on steps that do not refresh them) or ``kfac.batch_factors(captures)``.
+  A caller that knows the schedule (the trainer does) may also pass ``kfac_due=`` the same
+  Python bool as ``due``: the factor update is then chosen while tracing (``kfac.update_state``).
 
   Example (``metric='kfac'``; ``per_example_loss`` as in ``kfac.loss_grad_and_captures``)::
 
@@ -100,7 +102,8 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
     return CSAMState(momentum,
                      kfac.init_state(params, kfac_layers) if metric == "kfac" else None)
 
-  def update_fn(grads, state, params=None, *, grad_fn: GradFn, kfac_factors=None, **extra):
+  def update_fn(grads, state, params=None, *, grad_fn: GradFn, kfac_factors=None,
+                kfac_due: bool | None = None, **extra):
     del extra
     if params is None:
       raise ValueError("csam needs params: call tx.update(grads, state, params, grad_fn=...)")
@@ -114,7 +117,8 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
     kstate = state.kfac
     if metric == "kfac":
       kstate = kfac.update_state(kstate, kfac_factors, ema_decay=ema_decay,
-                                 stats_every=stats_every, inverse_every=inverse_every)
+                                 stats_every=stats_every, inverse_every=inverse_every,
+                                 due=kfac_due)
       v = kfac.precondition(d, kstate.eigen, damping, unfactored)
       scale = rho2 / jnp.sqrt(optax.tree_utils.tree_vdot(d, v) + eps)
       eps2 = jax.tree.map(lambda x: scale * x, v)

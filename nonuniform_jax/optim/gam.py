@@ -36,7 +36,8 @@ def gam(rho: float, *, kfac_layers: Sequence[str], damping: float = 1e-3,
   """GAM (module docstring) as an Optax transformation; chain it before the base optimizer.
 
   Call as ``tx.update(grads, state, params, grad_fn=grad_fn, kfac_factors=factors)`` exactly
-  like ``csam(..., metric='kfac')``: two gradient evaluations per step (g1 from the caller).
+  like ``csam(..., metric='kfac')`` (``kfac_due=`` too): two gradient evaluations per step (g1
+  from the caller).
 
   Args:
     rho: radius ρ ≥ 0.
@@ -54,13 +55,15 @@ def gam(rho: float, *, kfac_layers: Sequence[str], damping: float = 1e-3,
   def init_fn(params):
     return GAMState(kfac.init_state(params, kfac_layers))
 
-  def update_fn(grads, state, params=None, *, grad_fn: GradFn, kfac_factors=None, **extra):
+  def update_fn(grads, state, params=None, *, grad_fn: GradFn, kfac_factors=None,
+                kfac_due: bool | None = None, **extra):
     del extra
     if params is None or kfac_factors is None:
       raise ValueError("gam needs params and kfac_factors: call tx.update(grads, state, params, "
                        "grad_fn=..., kfac_factors=...)")
     kstate = kfac.update_state(state.kfac, kfac_factors, ema_decay=ema_decay,
-                               stats_every=stats_every, inverse_every=inverse_every)
+                               stats_every=stats_every, inverse_every=inverse_every,
+                               due=kfac_due)
     v = kfac.precondition(grads, kstate.eigen, damping, unfactored)
     q = optax.tree_utils.tree_vdot(grads, v)
     r = jnp.where(1.0 - q > 0, 1.0 - q, 1.0 - jnp.exp(-q))

@@ -425,13 +425,21 @@ def validate_settings(*, damping: float, unfactored: str, layers, ema_decay: flo
 
 
 def update_state(state: KFACState, batch, *, ema_decay: float, stats_every: int,
-                 inverse_every: int) -> KFACState:
-  """One step of the factor schedule (pure; ``lax.cond`` so nothing recompiles).
+                 inverse_every: int, due: bool | None = None) -> KFACState:
+  """One step of the factor schedule (pure; nothing recompiles across steps).
 
   On steps with step % stats_every == 0: factors ← decay·factors + (1 − decay)·batch, except at
   step 0 where factors ← batch **[ours]** (no bias towards the zero start). ``batch`` is ignored
   on the other steps (zeros are fine there). Then, on steps with step % inverse_every == 0, the
   eigendecompositions are recomputed from the updated factors.
+
+  ``due``: None reads the schedule from ``state.step`` and chooses with ``lax.cond`` (one
+  program for every step). A Python bool says whether this step refreshes the statistics (it
+  must equal ``stats_due(...)`` before the update, i.e. step % stats_every == 0): the
+  statistics branch is then chosen while tracing, and so is the inverse one when
+  ``inverse_every`` is a multiple of ``stats_every`` (the inverse is never due on a step without
+  statistics; equal periods make it due exactly with them). A step that does not refresh then
+  carries the state through untouched instead of running two conditionals on every call.
   """
   if set(batch) != set(state.factors):
     raise ValueError(f"batch factors for layers {sorted(batch)} do not match the state's "
@@ -442,8 +450,19 @@ def update_state(state: KFACState, batch, *, ema_decay: float, stats_every: int,
   def ema(factors):
     return jax.tree.map(lambda old, new: decay * old + (1.0 - decay) * new, factors, batch)
 
-  factors = lax.cond(step % stats_every == 0, ema, lambda f: f, state.factors)
-  eigens = lax.cond(step % inverse_every == 0, eigen, lambda _: state.eigen, factors)
+  def keep_eigen(_):
+    return state.eigen
+
+  if due is None:
+    factors = lax.cond(step % stats_every == 0, ema, lambda f: f, state.factors)
+  else:
+    factors = ema(state.factors) if due else state.factors
+  if due is not None and inverse_every % stats_every == 0 and not due:
+    eigens = state.eigen
+  elif due is not None and inverse_every == stats_every:
+    eigens = eigen(factors)
+  else:
+    eigens = lax.cond(step % inverse_every == 0, eigen, keep_eigen, factors)
   nxt = step + 1
   return KFACState(nxt, factors, eigens, nxt % stats_every == 0)
 
