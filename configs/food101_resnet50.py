@@ -9,8 +9,9 @@ learning rate 0.1 with 5 warm-up epochs then cosine, weight decay 1e-4, label sm
 not state its Food-101 hyperparameters; these are our choice. Needs prepared data:
 ``tfds build food101`` (downloads 5 GB).
 
-``:laptop``: ResNet-18 at 64 px, batch 32, 100 steps on the first 3200 images; evaluation
-covers the whole 25 250-image validation split.
+``:laptop``: ResNet-18 at 64 px, batch 32, 100 steps on 3200 training images drawn by the seed
+(picking them reads the whole training split); evaluation covers the whole 25 250-image
+validation split.
 """
 
 import pathlib

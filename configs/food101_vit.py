@@ -9,7 +9,8 @@ norm 1, label smoothing 0.1, 90 epochs; Inception crop + flip. The paper does no
 Food-101 ViT hyperparameters; these are our choice (Touvron et al. 2021 without their heavy
 augmentation). Needs prepared data: ``tfds build food101``.
 
-``:laptop``: ViT-Ti with 8-pixel patches at 64 px, batch 32, 100 steps on the first 3200 images.
+``:laptop``: ViT-Ti with 8-pixel patches at 64 px, batch 32, 100 steps on 3200 training images
+drawn by the seed (picking them reads the whole training split).
 """
 
 import pathlib

@@ -11,9 +11,10 @@ split over all devices). SAM family by override, e.g. ``--config.optimizer.name=
 Needs prepared data: download ILSVRC2012_img_{train,val}.tar into
 ``$TFDS_DATA_DIR/downloads/manual/``, then ``tfds build imagenet2012``.
 
-``:laptop``: ResNet-18 at 64 px, batch 32, 100 steps on the first 3200 training images,
-evaluated at the end on 1000 training images and the whole 50 000-image validation split
-(the slow part on a CPU).
+``:laptop``: ResNet-18 at 64 px, batch 32, 100 steps on 3200 training images drawn by the seed,
+evaluated at the end on 1000 of them and the whole 50 000-image validation split. The slow
+parts: that evaluation on a CPU, and the passes over the whole training split (about 140 GB)
+that pick the subsets and count their classes.
 """
 
 import pathlib
@@ -55,7 +56,7 @@ def large_images(c: ml_collections.ConfigDict, dataset: str, num_train: int, bat
 
 
 def laptop(c: ml_collections.ConfigDict, model: dict) -> ml_collections.ConfigDict:
-  """Laptop scale: ``model`` at 64 px, batch 32, 100 steps on the first 3200 images."""
+  """Laptop scale: ``model`` at 64 px, batch 32, 100 steps on 3200 images drawn by the seed."""
   c.image_size = 64
   c.model = ml_collections.ConfigDict(model)
   c.batch_size = 32

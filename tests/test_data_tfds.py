@@ -1,8 +1,8 @@
 """TFDS datasets under tfds.testing.mock_data, and the streaming source on real TFDS files.
 
 The mock ignores split slicing (every process would read the whole split), so the per-process
-sharding of the streaming source is checked on a small dataset written to disk as real TFDS
-files (JPEG images of random sizes in 3 tfrecord shards).
+sharding of the streaming source, and which examples a training subset reads, are checked on
+small datasets written to disk as real TFDS files (JPEG images of random sizes, label = index).
 """
 
 import numpy as np
@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from nonuniform_jax import data
-from nonuniform_jax.data import label_noise, preprocessing, streaming, tfds_data
+from nonuniform_jax.data import label_noise, pipeline, preprocessing, streaming, tfds_data
 
 NUM_MOCK = 16
 
@@ -133,16 +133,15 @@ def test_missing_data_is_one_helpful_line(tmp_path):
       "imagenet2012", f"{tmp_path}/imagenet2012/5.1.0")
 
 
-@pytest.fixture(scope="module")
-def on_disk(tmp_path_factory):
-  """A prepared TFDS dataset: 23 training / 7 test JPEGs of random sizes; label = index."""
-  root = tmp_path_factory.mktemp("tfds") / "tiny" / "1.0.0"
+def write_tiny(root, splits):
+  """A prepared TFDS dataset in ``root``: split -> (examples, tfrecord files); JPEGs of random
+  sizes; label = index in the split."""
   root.mkdir(parents=True)
   features = tfds.features.FeaturesDict({
       "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-      "label": tfds.features.ClassLabel(num_classes=23)})
+      "label": tfds.features.ClassLabel(num_classes=max(n for n, _ in splits.values()))})
   gen = np.random.default_rng(0)
-  for split, n, shards in (("train", 23, 3), ("validation", 7, 1)):
+  for split, (n, shards) in splits.items():
     for s, ids in enumerate(np.array_split(np.arange(n), shards)):
       with tf.io.TFRecordWriter(str(root / f"tiny-{split}.tfrecord-{s:05d}-of-{shards:05d}")) as w:
         for i in ids:
@@ -153,12 +152,27 @@ def on_disk(tmp_path_factory):
   return tfds.builder_from_directory(str(root))
 
 
-def stream(builder, split, p, count):
+@pytest.fixture(scope="module")
+def on_disk(tmp_path_factory):
+  """23 training JPEGs in 3 files, 7 validation JPEGs in 1."""
+  return write_tiny(tmp_path_factory.mktemp("tfds") / "tiny" / "1.0.0",
+                    {"train": (23, 3), "validation": (7, 1)})
+
+
+@pytest.fixture(scope="module")
+def long_files(tmp_path_factory):
+  """40 training JPEGs in 2 files of 20: longer than TFDS's interleave block (16), so reading
+  them in any order but the files' shows in the labels."""
+  return write_tiny(tmp_path_factory.mktemp("tfds") / "tiny" / "1.0.0",
+                    {"train": (40, 2), "validation": (4, 1)})
+
+
+def stream(builder, split, p, count, **kwargs):
   mean, std = (0.5,) * 3, (0.25,) * 3
   return streaming.StreamSource(
       builder, split, train_fn=lambda im, s: streaming.inception_crop(im, s, 8, mean, std),
       eval_fn=lambda im: streaming.center_crop(im, 8, mean, std), input_shape=(8, 8, 3),
-      process_index=p, process_count=count, shuffle_buffer=8)
+      process_index=p, process_count=count, shuffle_buffer=8, **kwargs)
 
 
 def test_streaming_shards_over_two_processes(on_disk):
@@ -177,3 +191,65 @@ def test_streaming_shards_over_two_processes(on_disk):
   assert sorted(seen) == list(range(23))
   single = list(stream(on_disk, "validation", 0, 1).eval_batches(4))
   assert [b["mask"].sum() for b in single] == [4, 3]
+
+
+def masked_labels(batches):
+  return np.concatenate([b["labels"][b["mask"] == 1] for b in batches])
+
+
+def test_streaming_subset_over_two_processes(long_files):
+  subset = pipeline.seeded_subset(7, pipeline.STREAM_SUBSET, 40, 15)
+  sources = [stream(long_files, "train", p, 2, subset=subset) for p in (0, 1)]
+  assert sources[0].shard_sizes == [8, 7] and sources[0].num_examples == 15
+  # Each process reads its share of the subset, in file order (label = index in the split).
+  evals = [list(s.eval_batches(8)) for s in sources]
+  assert len(evals[0]) == len(evals[1]) == 2
+  seen = [masked_labels(e) for e in evals]
+  np.testing.assert_array_equal(np.concatenate(seen), subset)
+  # One epoch: steps_per_epoch = 7 // 2 batches of 2 distinct examples of the process's share.
+  for source, own in zip(sources, seen):
+    epoch = np.concatenate([b["labels"] for b in take(source.train_batches(4, seed=1), 3)])
+    assert len(set(epoch)) == 6 and set(epoch) <= set(own)
+  # The cache changes nothing: an uncached reader resumed in epoch 1 gives the cached run's batches.
+  uncached = stream(long_files, "train", 1, 2, subset=subset, cache_bytes=0)
+  assert sources[1].cached and not uncached.cached
+  assert_batches_equal(take(sources[1].train_batches(4, seed=1), 8)[4:],
+                       take(uncached.train_batches(4, seed=1, start_step=4), 4))
+  counts = streaming.class_counts(long_files, "train", subset, 40)
+  assert counts == np.isin(np.arange(40), subset).astype(int).tolist()
+  with pytest.raises(ValueError, match="sorted, distinct"):
+    stream(long_files, "train", 0, 1, subset=[3, 3, 5])
+
+
+def mock_examples(source):
+  """(label, centre-crop bytes) of the source's examples, in reading order."""
+  return [(int(label), x.tobytes()) for b in source.eval_batches(8)
+          for label, x, m in zip(b["labels"], b["inputs"], b["mask"]) if m]
+
+
+@pytest.mark.usefixtures("mock")
+def test_streaming_subset_is_drawn_by_the_seed():
+  full = mock_examples(data.get_datasets("imagenet2012", seed=0, image_size=8).train)
+  kwargs = dict(image_size=8, num_train_examples=6, train_eval_examples=4)
+  ds, again, other = (data.get_datasets("imagenet2012", seed=s, **kwargs) for s in (0, 0, 1))
+  subset = mock_examples(ds.train)
+  assert len(set(subset)) == 6 and set(subset) <= set(full) and subset != full[:6]
+  assert mock_examples(again.train) == subset and mock_examples(other.train) != subset
+  train_eval = mock_examples(ds.train_eval)
+  assert len(set(train_eval)) == 4 and set(train_eval) <= set(subset)
+  assert (ds.num_train, ds.info["num_train_full"]) == (6, NUM_MOCK)
+  assert ds.info["train_subset"] == "6 examples drawn by the seed"
+  with pytest.raises(ValueError, match="num_train_examples=17 exceeds the 16"):
+    data.get_datasets("food101", seed=0, num_train_examples=17)
+
+
+@pytest.mark.usefixtures("mock")
+def test_streaming_subset_class_counts_and_resume():
+  ds = data.get_datasets("imagenet2012", seed=3, image_size=16, num_train_examples=12)
+  assert ds.train.steps_per_epoch(4) == 3
+  run = take(ds.train.train_batches(4, seed=2), 7)           # epochs 0, 1 and a step of 2
+  assert_batches_equal(run[2:], take(ds.train.train_batches(4, seed=2, start_step=2), 5))
+  assert_batches_equal(run[4:], take(ds.train.train_batches(4, seed=2, start_step=4), 3))
+  counts = ds.info["class_counts_train"]
+  epoch = np.concatenate([b["labels"] for b in run[:3]])
+  assert sum(counts) == 12 and counts == np.bincount(epoch, minlength=1000).tolist()

@@ -89,10 +89,12 @@ def get_datasets(name: str, *, seed: int, batch_size: int | None = None, data_di
     augment: the dataset's standard training augmentation (CIFAR crop + flip, ImageNet and
       Food-101 Inception crop + flip); no effect on datasets without one.
     image_size: side of the ImageNet / Food-101 crops.
-    num_train_examples: > 0 trains on a fixed subset of this many examples, drawn by the seed
-      (streaming datasets: the first ones of the split).
+    num_train_examples: > 0 trains on a fixed subset of this many examples of the training
+      split, drawn by the seed (the same on every process); its class counts are reported.
     train_eval_examples: size of the training subset evaluated without augmentation, drawn by
-      the seed (streaming datasets: the first ones; 0 or >= the training set: all of it).
+      the seed from the training set (0 or >= the training set: all of it; streaming datasets
+      without ``num_train_examples``: the first examples of the split, which TFDS stores
+      shuffled).
     label_noise, label_noise_rate: see ``label_noise.py``.
     process_index, process_count: this process among the data-parallel processes.
   """
@@ -107,7 +109,7 @@ def get_datasets(name: str, *, seed: int, batch_size: int | None = None, data_di
   if name in TFDS_STREAMING:
     from nonuniform_jax.data import streaming  # pylint: disable=import-outside-toplevel
     ds = streaming.get_datasets(
-        name, data_dir=data_dir, augment=augment, image_size=image_size,
+        name, seed=seed, data_dir=data_dir, augment=augment, image_size=image_size,
         num_train_examples=num_train_examples, train_eval_examples=train_eval_examples,
         process_index=process_index, process_count=process_count)
   else:
@@ -137,21 +139,13 @@ def _in_memory(name, *, seed, data_dir, augment, num_train_examples, train_eval_
   if num_train_examples > full:
     raise ValueError(f"num_train_examples={num_train_examples} exceeds the {full} training "
                      f"examples of {name!r}")
-  if num_train_examples:
-    indices = np.sort(pipeline.rng(seed, pipeline.STREAM_SUBSET).permutation(full)
-                      [:num_train_examples])
-    train_inputs = splits.train_inputs[indices]
-  else:
-    indices, train_inputs = np.arange(full), splits.train_inputs
+  indices = pipeline.seeded_subset(seed, pipeline.STREAM_SUBSET, full, num_train_examples)
+  train_inputs = splits.train_inputs[indices] if num_train_examples else splits.train_inputs
   clean = splits.train_labels[indices]
   noise = label_noise_lib.apply(clean, kind=label_noise, rate=label_noise_rate,
                                 num_classes=splits.num_classes, seed=seed, dataset=name)
   n = len(clean)
-  if 0 < train_eval_examples < n:
-    subset = np.sort(pipeline.rng(seed, pipeline.STREAM_TRAIN_EVAL).permutation(n)
-                     [:train_eval_examples])
-  else:
-    subset = np.arange(n)
+  subset = pipeline.seeded_subset(seed, pipeline.STREAM_TRAIN_EVAL, n, train_eval_examples)
   extras = {"noisy": noise.noisy[subset].astype(np.float32)} if label_noise != "none" else {}
   where = dict(process_index=process_index, process_count=process_count)
   train = pipeline.ArraySource(train_inputs, noise.labels, preprocess=preprocess,

@@ -45,6 +45,14 @@ def rng(seed: int, stream: int, *counters: int) -> np.random.Generator:
   return np.random.default_rng([int(seed) % 2**63, stream, *counters])
 
 
+def seeded_subset(seed: int, stream: int, num_examples: int, size: int) -> np.ndarray:
+  """Sorted indices of ``size`` of ``num_examples`` examples drawn from ``(seed, stream)``; all
+  of them (``arange``) when ``size`` is 0 or at least ``num_examples``."""
+  if not 0 < size < num_examples:
+    return np.arange(num_examples)
+  return np.sort(rng(seed, stream).permutation(num_examples)[:size])
+
+
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   """The order of the training examples in ``epoch``: a permutation drawn from (seed, epoch)."""
   return rng(seed, STREAM_ORDER, epoch).permutation(num_examples)
