@@ -11,7 +11,15 @@ gradient evaluations per step, which bounds the ratio at about 3.0:
   consecutive steps (state threaded), which contain exactly one refresh.
 
 All three are ``steps.make_train_step`` steps (K-FAC: ``extra_args=('kfac_factors',)``).
+
+A third row per model times ``kfac.precondition`` alone (the exact damped inverse applied to a
+gradient-sized pytree, algorithms.md §6: four matrix products per layer, 4·K̄·F·(K̄ + F) flops),
+the per-step work the ``kfac`` metric adds to ``identity``, as a ratio to the SGD step, with its
+flops as a ratio to the gradient's (6·B·T·K̄·F per layer, less the first layer's input
+gradient). The ``kfac`` ratio cannot be below the ``identity`` ratio plus this one.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -88,10 +96,46 @@ def run(quick: bool) -> list[dict]:
         # As the trainer calls it: whether the step refreshes, as a static bool.
         step = lambda s, b, i, f=jitted: f(s, b, kfac_due=i % PERIOD == 0)
       csam = time_per_step(step, state_for(tx), batch, n_steps, repeats)
+      if metric == "kfac":
+        rows.append(_precondition_row(row, case, state_for(tx), batch, jitted, perts, sgd,
+                                      repeats))
       ratio = csam / sgd
-      rows.append({**row, "case": f"{case}, {metric}", "goal": f"<= {goal}", "value": ratio,
+      rows.insert(len(rows) - (metric == "kfac"),
+                  {**row, "case": f"{case}, {metric}", "goal": f"<= {goal}", "value": ratio,
                    "ok": ratio <= goal,
                    "note": f"SGD {1e3 * sgd:.2f} ms, CSAM {1e3 * csam:.2f} ms per step over "
                            f"{n_steps} steps" + (f"; quick: batch {size}" if size != BATCH
                                                  else "")})
   return rows
+
+
+def _flops(layer_dims, batch_size, locations) -> tuple[float, float]:
+  """(preconditioning flops, gradient flops) over the factored layers: 4·K̄·F·(K̄ + F) against
+  6·B·T·K̄·F per layer (forward, input gradient and weight gradient; the first layer's input
+  gradient, which no one needs, is counted too, so the gradient's count errs high)."""
+  pre = sum(4.0 * k * f * (k + f) for k, f in layer_dims.values())
+  grad = sum(6.0 * batch_size * locations[n] * k * f for n, (k, f) in layer_dims.items())
+  return pre, grad
+
+
+def _locations(perts, name: str) -> int:
+  """T: output locations per example of the layer ``name`` (its perturbation [B, ..., F])."""
+  leaf = perts
+  for part in name.split("/"):
+    leaf = leaf[part]
+  return math.prod(leaf["outputs"].shape[1:-1])
+
+
+def _precondition_row(row, case, state, batch, jitted, perts, sgd_seconds, repeats) -> dict:
+  """``kfac.precondition`` of a gradient-sized pytree with refreshed eigenbases, over SGD."""
+  state, _ = jitted(state, batch, kfac_due=True)   # factors and eigenbases of this batch
+  kstate = state.opt_state[0].kfac
+  precondition = jax.jit(lambda d, e: kfac.precondition(d, e, 1e-3))
+  seconds = time_fn(precondition, state.params, kstate.eigen, repeats=20 * repeats)
+  dims = {n: (e.qa.shape[0], e.qg.shape[0]) for n, e in kstate.eigen.items()}
+  pre, grad = _flops(dims, batch["labels"].shape[0], {n: _locations(perts, n) for n in dims})
+  return {**row, "case": f"{case}, kfac preconditioning alone", "goal": "",
+          "value": seconds / sgd_seconds, "ok": None,
+          "note": f"{1e3 * seconds:.2f} ms: the exact damped inverse on every factored layer, "
+                  f"{pre / 1e6:.1f} Mflop, {pre / grad:.2f}x the ~{grad / 1e6:.0f} Mflop of "
+                  f"their gradient"}

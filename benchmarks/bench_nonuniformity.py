@@ -13,6 +13,10 @@ model and batch, all measured side by side:
 * Python loop: a jitted single-example gradient-and-accumulate step called once per example
   from Python; a subset of the examples is timed and scaled to the batch (said in the note).
   Goal: chunked at least 10x faster than the loop.
+* the loop's dispatch alone: the same calls with a step that computes nothing. The loop's time
+  less this is its compute; chunking removes the dispatch, so loop / chunked exceeds
+  loop / (loop − dispatch) only where vmapped per-example gradients compute faster per example
+  than single-example ones (a GPU's idle lanes; not a CPU's, measured here).
 
 Peak memory: the temporary buffers (XLA ``memory_analysis``) of the compiled chunk step that
 the chunked path runs once per chunk, at two batch sizes with one chunk size, must agree (goal:
@@ -93,10 +97,16 @@ def _fast(capture_fn, perturbations_fn, n):
   return fn
 
 
-def _loop_seconds(loss_fn, params, batch, count, repeats):
-  """Seconds for ``count`` examples, one jitted gradient-and-accumulate call per example."""
+def _loop_seconds(loss_fn, params, batch, count, repeats, dispatch_only=False):
+  """Seconds for ``count`` examples, one jitted gradient-and-accumulate call per example.
+
+  ``dispatch_only``: the same calls with the same arguments and results, but a step that
+  computes nothing (it returns the accumulator): what the loop spends on dispatch alone.
+  """
   @jax.jit
   def step(acc, params, batch, i):
+    if dispatch_only:
+      return acc[0] + i, acc[1]
     example = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, i, 1), batch)
     g = jax.grad(loss_fn)(params, example)
     return acc[0] + otu.tree_vdot(g, g), otu.tree_add(acc[1], g)
@@ -130,7 +140,12 @@ def _timing_rows(case, name, shape, chunk_size, loop_count, quick):
                    repeats=repeats)
   chunked_s = time_fn(_chunked(loss_fn, chunk_size), params, batch, repeats=repeats)
   loop_s = _loop_seconds(loss_fn, params, batch, loop_count, max(repeats // 2, 1))
-  loop_s *= batch_size / loop_count
+  dispatch_s = _loop_seconds(loss_fn, params, batch, loop_count, max(repeats // 2, 1),
+                             dispatch_only=True)
+  loop_s, dispatch_s = (t * batch_size / loop_count for t in (loop_s, dispatch_s))
+  # Batching can remove the loop's dispatch; its compute per example it can remove only where a
+  # vmapped per-example gradient computes faster per example than a single-example one.
+  bound = loop_s / max(loop_s - dispatch_s, 1e-12)
   base = {"benchmark": f"tr Σ, batch {batch_size}", "case": case}
   ms = lambda s: f"{1e3 * s:.1f} ms"
   fast_note = f"{ms(fast_s)}; batch gradient {ms(grad_s)}"
@@ -147,6 +162,10 @@ def _timing_rows(case, name, shape, chunk_size, loop_count, quick):
       {**base, "case": f"{case}: Python loop", "value": loop_s / grad_s, "unit": "x gradient",
        "goal": "", "ok": None,
        "note": f"{ms(loop_s)}: {loop_count} of {batch_size} examples timed, scaled"},
+      {**base, "case": f"{case}: Python loop, dispatch alone", "value": dispatch_s / grad_s,
+       "unit": "x gradient", "goal": "", "ok": None,
+       "note": f"{ms(dispatch_s)}: the loop's calls with a step that computes nothing; "
+               f"removing all of it would make the loop {bound:.2f}x faster"},
       {**base, "case": f"{case}: loop / chunked", "value": loop_s / chunked_s,
        "unit": "x faster", "goal": f">= {LOOP_GOAL:g}", "ok": loop_s / chunked_s >= LOOP_GOAL,
        "note": "chunked per-example gradients against the Python loop"},
