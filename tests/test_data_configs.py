@@ -41,7 +41,9 @@ def test_config_loads_and_passes_checks(name, monkeypatch, tmp_path):
     if not variant:
       assert config.model.name == model
     if "laptop" in variant:
-      assert 0 < config.num_steps <= 200 and config.num_train_examples > 0
+      assert 0 < config.num_steps <= 200
+      # A seeded subset of ImageNet costs passes over its 140 GB: its laptop run streams.
+      assert (config.num_train_examples > 0) == (dataset != "imagenet2012")
     train.check_config(config)
     doc = (CONFIGS / f"{name}.py").read_text().split('"""')[1]
     assert f"--config configs/{name}.py" in doc and "laptop" in doc
