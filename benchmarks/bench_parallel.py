@@ -5,7 +5,8 @@ Runs in a subprocess with 8 simulated CPU devices; on a CPU step times over simu
 mean nothing, bytes do. One gradient all-reduce per gradient evaluation is the goal: SGD moves
 one gradient, SAM with a whole-batch perturbation two (the clean gradient's norm needs the
 global gradient), SAM with m-sharpness groups inside each device's shard one, CSAM three; GAM,
-SAM-GCM and COV (whole batch in one group) two, two and one. A row's value is the cheapest step
+SAM-GCM and COV (whole batch in one group) two each (COV: g_B, which centres the per-example
+gradients, then the mean of the per-example Hessian-vector products H_i (g_i − g_B)). A row's value is the cheapest step
 (of a conditional's branches the cheaper); its note gives the most expensive step where that
 differs (GAM all-reduces its Kronecker factors on the steps that refresh them, one in
 ``kfac.stats_every``) and the bytes all-gathered where there are any (such a row is not ok).
@@ -25,7 +26,7 @@ CASES = {  # name -> (config overrides, gradient all-reduces expected, note on t
     "csam (identity)": ({"optimizer.name": "csam", "csam.metric": "identity"}, 3, ""),
     "gam": ({"optimizer.name": "gam"}, 2, "; Kronecker factors on refresh steps"),
     "sam_gcm": ({"optimizer.name": "sam_gcm"}, 2, ""),
-    "cov": ({"optimizer.name": "cov"}, 1, ""),
+    "cov": ({"optimizer.name": "cov"}, 2, ""),
 }
 
 _DTYPE_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s64": 8}

@@ -56,7 +56,8 @@ def per_example_grads(per_example_loss_fn: PerExampleLossFn, params, batch):
   return jax.vmap(grad, in_axes=(None, 0))(params, batch)
 
 
-def cov_penalty_grad(per_example_loss_fn: PerExampleLossFn, params, batch, n: int, lam: float):
+def cov_penalty_grad(per_example_loss_fn: PerExampleLossFn, params, batch, n: int, lam: float,
+                     batch_grad=None):
   """∇[(aλ/2) tr Σ_B](θ) = aλ · (1/b) Σ_i H_i (g_i − g_B), a = (n−b)/(b(n−1)) (module docstring).
 
   Args:
@@ -65,13 +66,18 @@ def cov_penalty_grad(per_example_loss_fn: PerExampleLossFn, params, batch, n: in
     batch: the minibatch B, leaves with leading axis b.
     n: the number of training examples B is drawn from.
     lam: λ, the penalty's weight.
+    batch_grad: g_B when the caller has it (the mean of the per-example gradients); None
+      averages them here. On data-parallel devices that average is one more all-reduce of a
+      gradient, which passing g_B saves.
   Returns:
     A pytree like ``params``.
   """
   a = noise_factor(n, batch_size(batch))
   g_i = per_example_grads(per_example_loss_fn, params, batch)
   grad = jax.grad(single_example_loss(per_example_loss_fn))
-  centred = jax.tree.map(lambda g: g - jnp.mean(g, axis=0), g_i)
+  if batch_grad is None:
+    batch_grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), g_i)
+  centred = jax.tree.map(lambda g, m: g - m, g_i, batch_grad)
 
   def hvp(example, tangent):  # H_i (g_i − g_B)
     return jax.jvp(lambda p: grad(p, example), (params,), (tangent,))[1]
@@ -89,8 +95,10 @@ def cov(lam: float, n: int) -> optax.GradientTransformationExtraArgs:
 
   Call as ``tx.update(grads, state, params, per_example_loss_fn=f, batch=batch)`` with ``grads``
   the minibatch gradient g_B at ``params``, ``f(params, batch) -> [b]`` the per-example losses
-  and ``batch`` the same minibatch; returns g_B + :func:`cov_penalty_grad`. Chained with SGD it
-  is SGD on L + (aλ/2) tr Σ::
+  and ``batch`` the same minibatch; returns g_B + :func:`cov_penalty_grad`, whose per-example
+  gradients it centres at ``grads`` (so ``grads`` must be the mean of the per-example gradients
+  of ``f``: the same losses, regulariser and dropout draws). Chained with SGD it is SGD on
+  L + (aλ/2) tr Σ::
 
     tx = optax.chain(cov(0.3, n=5000), optax.sgd(0.01))
 
@@ -112,7 +120,7 @@ def cov(lam: float, n: int) -> optax.GradientTransformationExtraArgs:
     if params is None:
       raise ValueError("cov needs params: call tx.update(grads, state, params, "
                        "per_example_loss_fn=..., batch=...)")
-    penalty = cov_penalty_grad(per_example_loss_fn, params, batch, n, lam)
+    penalty = cov_penalty_grad(per_example_loss_fn, params, batch, n, lam, batch_grad=grads)
     return add_trees(grads, penalty), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
