@@ -279,6 +279,11 @@ def build(config, settings: dict) -> Run:
     raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, "
                      f"which BatchNorm (in model {config.model.name!r}) does not have; "
                      "choose a model without BatchNorm")
+  dropout = {k: v for k, v in model_cfg.items() if "dropout" in k and v}
+  if {"per_example_grads", "per_example_loss_fn"} & set(extra) and dropout:
+    raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, which "
+                     f"dropout ({', '.join(f'model.{k}={v}' for k, v in dropout.items())}) "
+                     "would draw apart from the batch's masks; set it to 0")
   per_example = sorted(set(measure_names(config)) & set(evaluators.PER_EXAMPLE))
   if has_bn and config.measures.bn_mode == "batch" and per_example:
     raise ValueError(f"measures {per_example} take per-example gradients or Hessians, which "

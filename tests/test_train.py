@@ -219,6 +219,19 @@ def test_model_dependent_refusals_leave_the_workdir_untouched(overrides, message
   assert sorted(os.listdir(workdir)) == ["keep.txt"]
 
 
+@pytest.mark.parametrize("name", ["cov", "sam_gcm"])
+def test_per_example_optimizers_refuse_dropout(name, tmp_path):
+  """Per-example gradients (each example a batch of one) would draw dropout masks apart from
+  the batch's, so COV's centring and SAM-GCM's covariance would not match the batch gradient."""
+  config = small_config(dataset="digits", **{"optimizer.name": name})
+  config.model = ml_collections.ConfigDict({"name": "vit_tiny", "patch_size": 4,
+                                            "dropout_rate": 0.1})
+  with pytest.raises(ValueError, match=r"needs per-example gradients, which dropout "
+                                       r"\(model.dropout_rate=0.1\)"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists() or not os.listdir(tmp_path / "w")
+
+
 def test_kill_9_then_rerun_matches_uninterrupted(tmp_path):
   """The command line killed with SIGKILL after its first checkpoint, then run again, ends with
   the metrics and parameters of an uninterrupted run."""
