@@ -215,9 +215,11 @@ def test_kfac_structure_against_captures_and_brute_force(mlp):
   def oracle(params, batch):
     captures = kfac.loss_grad_and_captures(mlp.capture_loss_fn, params,
                                            mlp.perturbations_fn(batch), batch).captures
-    return kfac.traces(captures), kfac.effective_rank(kfac.batch_factors(captures))
+    factors = kfac.batch_factors(captures)
+    return kfac.traces(captures), kfac.effective_rank(factors), kfac.effective_rank_centred(
+        factors, kfac.mean_grads(captures))
 
-  traces, ranks = oracle(mlp.params, mlp.batch)
+  traces, ranks, ranks_centred = oracle(mlp.params, mlp.batch)
   g, names = mlp.grads()
   var = g.var(0)
   assert sorted(out["layers"]) == ["Dense_0", "Dense_1"] and out["uncovered"] == []
@@ -225,6 +227,7 @@ def test_kfac_structure_against_captures_and_brute_force(mlp):
     np.testing.assert_allclose(layer["kfac_trace"], traces[name].kfac_uncentred, rtol=1e-5)
     np.testing.assert_allclose(layer["kfac_trace_centred"], traces[name].kfac_centred, rtol=1e-5)
     np.testing.assert_allclose(layer["effective_rank"], ranks[name], rtol=1e-5)
+    np.testing.assert_allclose(layer["effective_rank_centred"], ranks_centred[name], rtol=1e-4)
     np.testing.assert_allclose(layer["trace_sigma"], var[names == name].sum(), rtol=1e-4)
     np.testing.assert_allclose(layer["mean_sq_grad_norm"],
                                np.mean(np.sum(g[:, names == name] ** 2, 1)), rtol=1e-5)

@@ -86,7 +86,8 @@ def solve(name, batch=None):
         means=kfac.mean_grads(out.captures),
         grads=kfac.to_layer_matrices(out.grads, names),
         reference_grads=jax.grad(lambda p: jnp.mean(per_example_loss(p, perts, x, y)[0]))(params),
-        factors=factors, ranks=kfac.effective_rank(factors), traces=kfac.traces(out.captures))
+        factors=factors, ranks=kfac.effective_rank(factors), traces=kfac.traces(out.captures),
+        ranks_centred=kfac.effective_rank_centred(factors, kfac.mean_grads(out.captures)))
 
   result = run()
   result["names_check"] = kfac.layer_names(result["perturbations"]) == list(
@@ -277,6 +278,10 @@ def test_traces_and_effective_rank(solved):
     np.testing.assert_allclose(tr.kfac_centred, np.trace(dense) - np.sum(g.mean(0)**2),
                                rtol=1e-3, atol=1e-7)
     np.testing.assert_allclose(ranks[n], np.trace(dense)**2 / np.sum(dense**2), rtol=1e-4)
+    centred_dense = dense - np.outer(vec(g.mean(0)), vec(g.mean(0)))
+    want = np.trace(centred_dense)**2 / np.sum(centred_dense**2)
+    np.testing.assert_allclose(solved["ranks_centred"][n], want, rtol=1e-3)
+    assert abs(want - ranks[n]) > 1e-3 * want   # centring changes it: the test can tell
 
 
 # -------------------------------------------------------------------- inverse and sampling

@@ -422,6 +422,8 @@ def kfac_structure(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
       kfac_trace           tr A_l · tr G_l = tr(G_l ⊗ A_l) ≈ mean_i ‖∇D_{l,i}‖²  (uncentred)
       kfac_trace_centred   tr A_l · tr G_l − ‖D̄_l‖²
       effective_rank       tr(G_l ⊗ A_l)² / ‖G_l ⊗ A_l‖_F²  (``kfac.effective_rank``, uncentred)
+      effective_rank_centred  the same of Σ̂_l = G_l ⊗ A_l − vec(D̄_l)vec(D̄_l)ᵀ, the centred
+                           approximation of Σ_l (``kfac.effective_rank_centred``)
       mean_sq_grad_norm    exact mean_i ‖∇D_{l,i}‖²
       trace_sigma          exact tr Σ_l = mean_i ‖∇D_{l,i}‖² − ‖D̄_l‖²
 
@@ -433,7 +435,7 @@ def kfac_structure(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
     params, batches: as every measure. key: unused.
 
   Returns:
-    dict: ``layers`` ({layer: {the five values above}}), ``kfac_trace``, ``kfac_trace_centred``,
+    dict: ``layers`` ({layer: {the six values above}}), ``kfac_trace``, ``kfac_trace_centred``,
     ``trace_sigma`` and ``mean_sq_grad_norm`` (sums over layers), ``uncovered``, ``num_examples``,
     ``num_batches``.
   """
@@ -442,13 +444,15 @@ def kfac_structure(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
   means = _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors=True)
   rank = kfac.effective_rank(means["factors"])
   mean_grads = kfac.to_layer_matrices(means["grads"], means["factors"])
+  rank_centred = kfac.effective_rank_centred(means["factors"], mean_grads)
   layers = {}
   for name, f in means["factors"].items():
     grad_sq = jnp.sum(mean_grads[name] ** 2)
     kfac_trace = jnp.trace(f.a) * jnp.trace(f.g)
     sq = means["sq_norms"][name]
     layers[name] = dict(kfac_trace=kfac_trace, kfac_trace_centred=kfac_trace - grad_sq,
-                        effective_rank=rank[name], mean_sq_grad_norm=sq,
+                        effective_rank=rank[name], effective_rank_centred=rank_centred[name],
+                        mean_sq_grad_norm=sq,
                         trace_sigma=sq - grad_sq)
   layers = _floats(layers)
   totals = {k: sum(v[k] for v in layers.values())

@@ -288,6 +288,25 @@ def effective_rank(factors) -> dict:
   return {name: rank(f.a) * rank(f.g) for name, f in factors.items()}
 
 
+def effective_rank_centred(factors, mean_grads) -> dict:
+  """``{layer: scalar}``: tr(Σ̂)² / ‖Σ̂‖_F² of the centred Kronecker-factored covariance
+  Σ̂ = G⊗A − vec(D̄)vec(D̄)ᵀ, D̄ the layer's mean gradient [K̄, F] (``mean_grads``), in closed
+  form from the factors (no [K̄F, K̄F] matrix)::
+
+      tr Σ̂ = tr A · tr G − ‖D̄‖²
+      ‖Σ̂‖_F² = ‖A‖_F² ‖G‖_F² − 2 ⟨D̄, A D̄ G⟩ + ‖D̄‖⁴      (vec(D̄)ᵀ(G⊗A)vec(D̄) = ⟨D̄, A D̄ G⟩)
+  """
+  out = {}
+  for name, f in factors.items():
+    d = mean_grads[name]
+    sq = jnp.sum(d ** 2)
+    trace = jnp.trace(f.a) * jnp.trace(f.g) - sq
+    quad = jnp.sum(d * jnp.linalg.multi_dot([f.a, d, f.g], precision=HIGHEST))
+    fro = jnp.sum(f.a ** 2) * jnp.sum(f.g ** 2) - 2.0 * quad + sq ** 2
+    out[name] = trace ** 2 / fro
+  return out
+
+
 def eigen(factors) -> dict:
   """``{layer: Eigen}`` of ``{layer: Factors}`` (symmetric eigendecomposition, λ ≥ 0)."""
   def decompose(m):
