@@ -5,9 +5,8 @@ model and batch, all measured side by side:
 
 * fast path: one capture pass (``optim.kfac`` captures, exact per-layer per-example norms) and
   the trace statistics, i.e. what ``gradient_noise(method='fast')`` runs, less its per-call
-  coverage check (goal <= 2).
-  ResNet-20's BatchNorm scales and offsets are not captured, so on it ``gradient_noise`` falls
-  back to the chunked path; its fast row times the capture pass over the Conv/Dense layers.
+  coverage check (goal <= 2). On ResNet-20 the capture covers BatchNorm's scales and offsets
+  too (running statistics, as the measures apply it), so every parameter is on the fast path.
 * chunked: per-example gradients ``jax.vmap(jax.grad)`` in chunks, one jitted step per chunk
   with the per-parameter moments, i.e. ``gradient_noise(method='chunked')``.
 * Python loop: a jitted single-example gradient-and-accumulate step called once per example

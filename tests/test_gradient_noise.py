@@ -1,5 +1,7 @@
 """Gradient-noise measures against brute-force per-example gradients and dense Hessians."""
 
+import importlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,9 @@ from jax.flatten_util import ravel_pytree
 from nonuniform_jax import measures
 from nonuniform_jax.models import get_model, layers
 from nonuniform_jax.optim import kfac
+
+# The module itself: ``measures.gradient_noise`` is also the exported function.
+gradient_noise_module = importlib.import_module("nonuniform_jax.measures.gradient_noise")
 
 
 def random_params(model, x, rng):
@@ -35,13 +40,19 @@ class Problem:
     self.batch = {"x": x, "y": jnp.arange(shape[0]) % 3}
     self.params = random_params(model, x, rng)
     self.n = shape[0]
+    # BatchNorm running statistics, if any: means N(0, 0.25), variances in [0.5, 1.5).
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    stats = {"batch_stats": jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.asarray(0.5 * rng.normal(size=s.shape) if path[-1].key == "mean"
+                                    else 0.5 + rng.uniform(size=s.shape), jnp.float32),
+        shapes["batch_stats"])} if "batch_stats" in shapes else {}
 
     def per_example(params, batch):
-      logits = model.apply({"params": params}, batch["x"])
+      logits = model.apply({"params": params, **stats}, batch["x"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
 
     def capture(params, perturbations, batch):
-      logits, state = model.apply({"params": params, "perturbations": perturbations},
+      logits, state = model.apply({"params": params, "perturbations": perturbations, **stats},
                                   batch["x"], mutable=["kfac"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]), state["kfac"]
 
@@ -49,7 +60,7 @@ class Problem:
     self.loss_fn = lambda params, batch: jnp.mean(per_example(params, batch))
     self.capture_loss_fn = capture
     self.perturbations_fn = lambda batch: layers.zero_perturbations(
-        model, {"params": self.params}, batch["x"])
+        model, {"params": self.params, **stats}, batch["x"])
 
   def split(self, *sizes):
     """The batch cut into consecutive batches of ``sizes``."""
@@ -164,9 +175,24 @@ class TokenBlock(nn.Module):
     return layers.Dense(3, name="head")(x.mean(axis=1))
 
 
+class NormedCNN(nn.Module):
+  """BatchNorm (running statistics, as the measures apply it) after a convolution and after a
+  Dense layer: exact per-example norms of its scale and offset on the fast path too."""
+  running: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = layers.Conv(3, (3, 3), strides=(2, 2), padding="SAME", use_bias=False)(x)
+    x = nn.relu(layers.BatchNorm(use_running_average=self.running)(x))
+    x = layers.Dense(4)(x.reshape(x.shape[0], -1))
+    x = nn.tanh(layers.BatchNorm(use_running_average=self.running)(x))
+    return layers.Dense(3)(x)
+
+
 FAST_CASES = {
     "cnn": lambda: Problem(SmallCNN(), (6, 7, 6, 2)),
     "token_block": lambda: Problem(TokenBlock(), (6, 3, 4)),
+    "batchnorm": lambda: Problem(NormedCNN(), (6, 7, 6, 2)),
 }
 
 
@@ -205,6 +231,31 @@ def test_fast_path_falls_back_when_a_parameter_is_not_captured():
     measures.gradient_noise(problem.loss_fn, problem.params, [problem.batch], method="fastest")
   with pytest.raises(ValueError, match="capture_loss_fn"):
     measures.gradient_noise(problem.loss_fn, problem.params, [problem.batch], method="fast")
+
+
+def test_batchnorm_is_captured_with_running_statistics_only():
+  """With running statistics BatchNorm is covered and has no Kronecker factors (K-FAC leaves it
+  alone); with batch statistics it is not captured and the fast path falls back."""
+  running = FAST_CASES["batchnorm"]()
+  perts = running.perturbations_fn(running.batch)
+  assert kfac.layer_names(perts) == ["Conv_0", "Dense_0", "Dense_1"]
+  assert kfac.norm_layer_names(perts) == ["BatchNorm_0", "BatchNorm_1"]
+  structure = measures.kfac_structure(running.capture_loss_fn, running.params, [running.batch],
+                                      perturbations_fn=running.perturbations_fn)
+  assert sorted(structure["layers"]) == ["Conv_0", "Dense_0", "Dense_1"]
+  assert len(structure["uncovered"]) == 4   # the two BatchNorm scales and offsets
+
+  model, x = NormedCNN(running=False), running.batch["x"]
+  variables = model.init(jax.random.key(0), x)
+  perts = layers.zero_perturbations(model, variables, x)
+  assert kfac.norm_layer_names(perts) == [] and len(kfac.layer_names(perts)) == 3
+  _, state = model.apply({**variables, "perturbations": perts}, x,
+                         mutable=["kfac", "batch_stats"])
+  assert sorted(state["kfac"]) == ["Conv_0", "Dense_0", "Dense_1"]
+  missing = gradient_noise_module._uncovered(
+      variables["params"], None, lambda b: layers.zero_perturbations(model, variables, b),
+      [(x, np.int32(0))])
+  assert len(missing) == 4 and all("BatchNorm" in m for m in missing)
 
 
 def test_kfac_structure_against_captures_and_brute_force(mlp):

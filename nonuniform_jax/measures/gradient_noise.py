@@ -30,9 +30,11 @@ read back until the end) except inside ``wu_nonuniformity``'s eigensolver, which
 ``lax.while_loop``: XLA:CPU runs convolutions inside a while loop about 7x slower than outside
 one (ResNet-20 per-example gradients, measured), and on accelerators the dispatch costs nothing.
 
-Fast exact path: for models built from ``models.layers.Dense``/``Conv``, one forward+backward
-pass per batch captures every layer's inputs x̄_{i,t} and output gradients s_{i,t}, and
-‖∇D_i‖² = Σ_{t,t'} (x̄_{i,t}·x̄_{i,t'})(s_{i,t}·s_{i,t'}) exactly (``kfac.per_example_sq_norms``).
+Fast exact path: for models built from ``models.layers.Dense``/``Conv`` (and
+``models.layers.BatchNorm`` applied with its running statistics), one forward+backward pass per
+batch captures every layer's inputs x̄_{i,t} and output gradients s_{i,t}, and
+‖∇D_i‖² = Σ_{t,t'} (x̄_{i,t}·x̄_{i,t'})(s_{i,t}·s_{i,t'}) exactly (``kfac.per_example_sq_norms``;
+for BatchNorm ‖Σ_t x̂_{i,t} ⊙ s_{i,t}‖² + ‖Σ_t s_{i,t}‖², ``kfac.norm_per_example_sq_norms``).
 It needs ``capture_loss_fn(params, perturbations, batch) -> (losses [b], 'kfac' collection)``
 (the function ``kfac.loss_grad_and_captures`` takes) and ``perturbations_fn(batch) -> zero
 perturbations`` (e.g. ``lambda b: layers.zero_perturbations(model, variables, b['x'])``).
@@ -271,8 +273,9 @@ def _moment_statistics(moments: Moments, params) -> dict:
 def _fast_batch(capture_loss_fn, perturbations_fn, params, batch, with_factors: bool) -> dict:
   """One capture pass: per-layer mean_i ‖∇D_i‖², the mean gradient and optionally the factors."""
   out = kfac.loss_grad_and_captures(capture_loss_fn, params, perturbations_fn(batch), batch)
-  result = {"sq_norms": {k: jnp.mean(v) for k, v in kfac.per_example_sq_norms(
-      out.captures).items()}, "grads": out.grads}
+  norms = {**kfac.per_example_sq_norms(out.captures),
+           **kfac.norm_per_example_sq_norms(out.norm_captures)}
+  result = {"sq_norms": {k: jnp.mean(v) for k, v in norms.items()}, "grads": out.grads}
   if with_factors:
     result["factors"] = kfac.batch_factors(out.captures)
   return result
@@ -303,20 +306,28 @@ def _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors:
 @jax.jit
 def _fast_statistics(means, n) -> dict:
   sq = means["sq_norms"]
-  mean_grads = kfac.to_layer_matrices(means["grads"], sq)
-  layers = {k: sq[k] - jnp.sum(mean_grads[k] ** 2) for k in sq}
-  mean_sq = sum(sq.values())
+  grad_sq_layers = _per_layer_sum(jax.tree.map(jnp.square, means["grads"]))
   grad_sq = otu.tree_vdot(means["grads"], means["grads"])
+  # A model that is itself the captured layer is named '' (all of its parameters).
+  layers = {k: sq[k] - (grad_sq_layers[k] if k else grad_sq) for k in sq}
+  mean_sq = sum(sq.values())
   return {**_trace_family(n, mean_sq, grad_sq, mean_sq - grad_sq), "trace_sigma_layers": layers}
 
 
-def _uncovered(params, capture_loss_fn, perturbations_fn, groups) -> list[str]:
-  """Parameters (paths) that no captured layer describes; from shapes only."""
+def _uncovered(params, capture_loss_fn, perturbations_fn, groups,
+               with_norms: bool = True) -> list[str]:
+  """Parameters (paths) that no captured layer describes; from shapes only. ``with_norms``:
+  captured BatchNorm layers (exact norms, no Kronecker factors) count as covered."""
   batch, index = groups[0]
   if np.ndim(index):
     batch = jax.tree.map(lambda x: x[0], batch)
-  layers = kfac.layer_names(jax.eval_shape(perturbations_fn, batch))
-  flat = jax.tree_util.tree_flatten_with_path(kfac.covered(params, layers))[0]
+  perturbations = jax.eval_shape(perturbations_fn, batch)
+  covered = kfac.covered(params, kfac.layer_names(perturbations))
+  if with_norms:
+    norm_layers = set(kfac.norm_layer_names(perturbations))
+    covered = jax.tree_util.tree_map_with_path(
+        lambda path, ok: ok or _layer_name(path) in norm_layers, covered)
+  flat = jax.tree_util.tree_flatten_with_path(covered)[0]
   return [jax.tree_util.keystr(path) for path, ok in flat if not ok]
 
 
@@ -333,7 +344,7 @@ def _choose_method(method, params, capture_loss_fn, perturbations_fn, groups) ->
   if missing:
     shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
     return "chunked", f"parameters not covered by captured layers: {shown}"
-  return "fast", "every parameter is in a captured Dense/Conv layer"
+  return "fast", "every parameter is in a captured Dense/Conv/BatchNorm layer"
 
 
 def _floats(tree):
@@ -366,7 +377,8 @@ def gradient_noise(loss_fn: LossFn, params, batches: Sequence[Any], *,
   per-layer norms from one capture pass per batch (module docstring) — about the cost of one
   batch gradient, but it gives only the trace family above, and computes tr Σ as
   mean‖g_i‖² − ‖ḡ‖² (float32 cancellation when tr Σ ≪ ‖ḡ‖²). It runs only when every parameter
-  belongs to a captured layer (BatchNorm scales, LayerNorms, embeddings are not); otherwise
+  belongs to a captured layer (LayerNorms, embeddings, and BatchNorm in batch-statistics mode
+  are not); otherwise
   ``'fast'`` and ``'auto'`` fall back to ``'chunked'``. ``'auto'`` picks ``'fast'`` whenever it
   can. ``method`` and ``method_reason`` in the result say what ran and why.
 
@@ -458,7 +470,8 @@ def kfac_structure(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
   totals = {k: sum(v[k] for v in layers.values())
             for k in ("kfac_trace", "kfac_trace_centred", "trace_sigma", "mean_sq_grad_norm")}
   return {"layers": layers, **totals,
-          "uncovered": _uncovered(params, capture_loss_fn, perturbations_fn, groups),
+          "uncovered": _uncovered(params, capture_loss_fn, perturbations_fn, groups,
+                                  with_norms=False),
           "num_examples": _tree.total_examples(groups), "num_batches": _num_batches(groups)}
 
 

@@ -4,7 +4,7 @@ He initialisation, the project's BatchNorm, and channel zero-padding for identit
 import flax.linen as nn
 import jax.numpy as jnp
 
-from nonuniform_jax.models.layers import Conv
+from nonuniform_jax.models.layers import BatchNorm, Conv
 
 # He et al. (2015) normal initialisation with fan_out = k·k·out_channels, as torchvision's
 # kaiming_normal_(mode="fan_out", nonlinearity="relu"): std = sqrt(2 / fan_out).
@@ -20,9 +20,10 @@ def conv(features: int, kernel: int, strides: int = 1, name: str | None = None) 
               padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=he_normal, name=name)
 
 
-def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
-  """The project's BatchNorm: running averages with momentum 0.9 (PyTorch's 0.1), ε = 1e-5."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+def batch_norm(train: bool, name: str | None = None) -> BatchNorm:
+  """The project's BatchNorm: running averages with momentum 0.9 (PyTorch's 0.1), ε = 1e-5;
+  ``layers.BatchNorm``, so that exact per-example gradient norms cover its scale and offset."""
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def pad_channels(x, features: int):

@@ -32,7 +32,9 @@ Rules for callers:
   ``apply`` together with ``mutable=['kfac', ...]``.
 * A layer must be called at most once per ``apply`` when captured: a second call raises a
   ``ValueError`` (its perturbation would receive the sum of both calls' output gradients).
-* Every Dense and Conv layer of every model in ``nonuniform_jax.models`` comes from here.
+* Every Dense, Conv and BatchNorm layer of every model in ``nonuniform_jax.models`` comes
+  from here. BatchNorm (class docstring) is captured for exact per-example gradient norms only:
+  it has no Kronecker factors.
 """
 
 import itertools
@@ -48,6 +50,10 @@ KFAC = "kfac"
 PERTURBATIONS = "perturbations"
 INPUTS = "inputs"
 OUTPUTS = "outputs"
+# BatchNorm (running statistics): the normalised input x̂ and the output perturbation, under
+# names of their own so that K-FAC (``kfac.layer_names``) never takes it for a Kronecker layer.
+NORMALIZED = "normalized"
+NORM_OUTPUTS = "norm_outputs"
 
 
 def _store_once(previous, value):
@@ -164,6 +170,39 @@ class Conv(nn.Conv):
                            per_axis(self.input_dilation), per_axis(self.kernel_dilation))
     x = patches.reshape(inputs.shape[0], -1, patches.shape[-1])
     return _with_bias_column(x, self.use_bias)
+
+
+class BatchNorm(nn.BatchNorm):
+  """``nn.BatchNorm`` (same parameters, statistics and names) that, when it normalises with its
+  running statistics, can expose what exact per-example gradients of its scale γ and offset β
+  need: y = γ ⊙ x̂ + β with x̂ = (x − μ)/√(σ² + ε) fixed per example, so for example i
+
+      ∇γ_i = Σ_t x̂_{i,t} ⊙ s_{i,t},     ∇β_i = Σ_t s_{i,t}      (s = ∂ℓ_i/∂y, t over locations)
+
+  x̂ is sown as ``'kfac'/<path>/'normalized'`` [B, T, C] when ``'kfac'`` is mutable, and y goes
+  through ``perturb`` as ``'perturbations'/<path>/'norm_outputs'``. With batch statistics
+  (training) nothing is captured: the examples interact and have no per-example gradient.
+  Capture supports the feature axis last, scale and offset both on, and no mask.
+  """
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    running = nn.merge_param("use_running_average", self.use_running_average,
+                             use_running_average)
+    y = _body(nn.BatchNorm.__call__)(self, x, use_running_average, mask=mask)
+    if not running or self.is_initializing():
+      return y
+    if _capturing(self):
+      if self.axis not in (-1, x.ndim - 1) or not (self.use_scale and self.use_bias) or (
+          mask is not None) or x.ndim < 2:
+        raise ValueError(f"BatchNorm capture supports axis=-1, use_scale=use_bias=True, no mask "
+                         f"and a leading example axis; got axis={self.axis}, use_scale="
+                         f"{self.use_scale}, use_bias={self.use_bias}, input shape {x.shape}")
+      stats = self.variables["batch_stats"]
+      xhat = (x - stats["mean"]) * lax.rsqrt(stats["var"] + self.epsilon)
+      self.sow(KFAC, NORMALIZED, xhat.reshape(x.shape[0], -1, x.shape[-1]),
+               reduce_fn=_store_once, init_fn=lambda: None)
+    return self.perturb(NORM_OUTPUTS, y)
 
 
 def zero_perturbations(model: nn.Module, variables, *args, **kwargs):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax import lax
 
-from nonuniform_jax.models.layers import INPUTS, OUTPUTS
+from nonuniform_jax.models.layers import INPUTS, NORM_OUTPUTS, NORMALIZED, OUTPUTS
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -45,6 +45,13 @@ HIGHEST = lax.Precision.HIGHEST
 class LayerCapture(NamedTuple):
   """What one pass captures for one layer: inputs x̄ [B, T, K̄] and output grads s [B, T, F]."""
   inputs: jax.Array
+  out_grads: jax.Array
+
+
+class NormCapture(NamedTuple):
+  """What one pass captures for a BatchNorm layer in running mode (``layers.BatchNorm``): the
+  normalised inputs x̂ [B, T, C] and output grads s [B, T, C]. No Kronecker factors."""
+  normalized: jax.Array
   out_grads: jax.Array
 
 
@@ -63,12 +70,14 @@ class Eigen(NamedTuple):
 
 
 class Captured(NamedTuple):
-  """Result of ``loss_grad_and_captures``: mean loss, its gradient, ``{layer: LayerCapture}``
-  and the loss function's aux (None without ``has_aux``)."""
+  """Result of ``loss_grad_and_captures``: mean loss, its gradient, ``{layer: LayerCapture}``,
+  the loss function's aux (None without ``has_aux``) and ``{layer: NormCapture}`` of the
+  BatchNorm layers captured in running mode (empty for models without them)."""
   loss: jax.Array
   grads: Any
   captures: dict
   aux: Any
+  norm_captures: dict
 
 
 class Factored(NamedTuple):
@@ -115,20 +124,38 @@ def layer_names(perturbations) -> list[str]:
   return sorted(n for n in (_layer_of(k, OUTPUTS) for k in flat) if n is not None)
 
 
-def _captures(kfac_collection, perturbation_grads) -> dict:
+def norm_layer_names(perturbations) -> list[str]:
+  """The captured BatchNorm layers (running mode) of a model, from its ``'perturbations'``."""
+  flat = traverse_util.flatten_dict(perturbations, sep="/")
+  return sorted(n for n in (_layer_of(k, NORM_OUTPUTS) for k in flat) if n is not None)
+
+
+def _paired(kfac_collection, perturbation_grads, names, sown: str, output: str) -> dict:
+  """``{layer: (sown capture, output grads [B, T, F])}`` for ``names``."""
   inputs = traverse_util.flatten_dict(kfac_collection, sep="/")
   outputs = traverse_util.flatten_dict(perturbation_grads, sep="/")
-  names = layer_names(perturbation_grads)
-  missing = sorted(set(names) ^ {_layer_of(k, INPUTS) for k in inputs})
+  missing = sorted(set(names) ^ {n for n in (_layer_of(k, sown) for k in inputs)
+                                 if n is not None})
   if missing:
-    raise ValueError(f"layers {missing} have a perturbation but no sown input or vice versa: "
+    raise ValueError(f"layers {missing} have a perturbation but no sown {sown} or vice versa: "
                      "apply the model with the perturbations and mutable=['kfac']")
-  captures = {}
+  pairs = {}
   for name in names:
-    s = outputs[_key(name, OUTPUTS)]
-    captures[name] = LayerCapture(inputs[_key(name, INPUTS)],
-                                  s.reshape(s.shape[0], -1, s.shape[-1]))
-  return captures
+    s = outputs[_key(name, output)]
+    pairs[name] = (inputs[_key(name, sown)], s.reshape(s.shape[0], -1, s.shape[-1]))
+  return pairs
+
+
+def _captures(kfac_collection, perturbation_grads) -> dict:
+  return {name: LayerCapture(*pair) for name, pair in _paired(
+      kfac_collection, perturbation_grads, layer_names(perturbation_grads), INPUTS,
+      OUTPUTS).items()}
+
+
+def _norm_captures(kfac_collection, perturbation_grads) -> dict:
+  return {name: NormCapture(*pair) for name, pair in _paired(
+      kfac_collection, perturbation_grads, norm_layer_names(perturbation_grads), NORMALIZED,
+      NORM_OUTPUTS).items()}
 
 
 def loss_grad_and_captures(per_example_loss_fn: Callable, params, perturbations, *args,
@@ -173,7 +200,8 @@ def loss_grad_and_captures(per_example_loss_fn: Callable, params, perturbations,
       total, argnums=(0, 1), has_aux=True)(params, perturbations)
   b = losses.shape[0]
   grads = jax.tree.map(lambda g: g / b, grads)
-  return Captured(jnp.mean(losses), grads, _captures(kfac_collection, pert_grads), aux)
+  return Captured(jnp.mean(losses), grads, _captures(kfac_collection, pert_grads), aux,
+                  _norm_captures(kfac_collection, pert_grads))
 
 
 def loss_grad_and_factors(per_example_loss_fn: Callable, params, perturbations, *args,
@@ -231,6 +259,17 @@ def per_example_sq_norms(captures) -> dict:
     else:
       norms[name] = jnp.sum(per_example_grads({name: c})[name] ** 2, axis=(1, 2))
   return norms
+
+
+def norm_per_example_sq_norms(norm_captures) -> dict:
+  """``{layer: [B]}``: exact ‖∇γ_i‖² + ‖∇β_i‖² of each captured BatchNorm layer per example,
+  ∇γ_i = Σ_t x̂_{i,t} ⊙ s_{i,t} and ∇β_i = Σ_t s_{i,t} (``layers.BatchNorm``)."""
+  out = {}
+  for name, c in norm_captures.items():
+    scale = jnp.sum(c.normalized * c.out_grads, axis=1)
+    offset = jnp.sum(c.out_grads, axis=1)
+    out[name] = jnp.sum(scale ** 2, axis=-1) + jnp.sum(offset ** 2, axis=-1)
+  return out
 
 
 def mean_grads(captures) -> dict:
