@@ -253,3 +253,16 @@ def test_streaming_subset_class_counts_and_resume():
   counts = ds.info["class_counts_train"]
   epoch = np.concatenate([b["labels"] for b in run[:3]])
   assert sum(counts) == 12 and counts == np.bincount(epoch, minlength=1000).tolist()
+
+
+def test_streaming_eval_with_an_empty_shard(tmp_path):
+  """Fewer examples than processes: the process with nothing to read sends only padding (it
+  used to fail to read its empty split while the others waited), and every example counts
+  once."""
+  b = write_tiny(tmp_path / "tiny" / "1.0.0", {"train": (12, 2), "validation": (3, 1)})
+  masks = [sum(float(x["mask"].sum()) for x in stream(b, "validation", p, 4).eval_batches(4))
+           for p in range(4)]
+  assert masks == [1.0, 1.0, 1.0, 0.0]
+  one = [list(stream(b, "train", p, 2, subset=np.array([5])).eval_batches(2)) for p in (0, 1)]
+  assert [len(x) for x in one] == [1, 1] and one[0][0]["labels"].tolist() == [5]
+  assert float(one[1][0]["mask"].sum()) == 0.0

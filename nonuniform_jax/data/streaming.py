@@ -227,13 +227,15 @@ class StreamSource:
   def eval_batches(self, batch_size: int):
     """One pass over this process's shard, padded with ``mask``; equal batch counts everywhere."""
     local = pipeline.local_batch_size(batch_size, self.process_count)
-    ds = self._records().map(
-        lambda ex: {"inputs": self.eval_fn(ex["image"]), "labels": tf.cast(ex["label"], tf.int32)},
-        num_parallel_calls=tf.data.AUTOTUNE)
     count = 0
-    for batch in tfds.as_numpy(ds.batch(local).prefetch(tf.data.AUTOTUNE)):
-      yield pipeline.pad_batch(batch, local)
-      count += 1
+    if self.shard_sizes[self.process_index]:   # an empty shard (fewer examples than processes)
+      ds = self._records().map(                # has nothing to read, only padding to send
+          lambda ex: {"inputs": self.eval_fn(ex["image"]),
+                      "labels": tf.cast(ex["label"], tf.int32)},
+          num_parallel_calls=tf.data.AUTOTUNE)
+      for batch in tfds.as_numpy(ds.batch(local).prefetch(tf.data.AUTOTUNE)):
+        yield pipeline.pad_batch(batch, local)
+        count += 1
     empty = {"inputs": np.zeros((0,) + self.input_shape, np.float32),
              "labels": np.zeros((0,), np.int32)}
     for _ in range(count, math.ceil(max(self.shard_sizes) / local)):
