@@ -231,3 +231,18 @@ def test_offline_loading_does_not_import_tensorflow():
           "data.get_datasets('digits', seed=0); print('tensorflow' in sys.modules)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
+
+
+def test_normalization_constants_are_the_fields():
+  """The per-channel constants, written out from their sources (torchvision and the common
+  CIFAR/MNIST statistics of the training sets), so a typo in the table cannot pass."""
+  from nonuniform_jax.data.preprocessing import NORMALIZATION  # pylint: disable=g-import-not-at-top
+  imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+  assert NORMALIZATION == {
+      "mnist": ((0.1307,), (0.3081,)),
+      "fashion_mnist": ((0.2860,), (0.3530,)),
+      "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+      "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+      "imagenet2012": imagenet,
+      "food101": imagenet,
+  }

@@ -7,7 +7,9 @@
 * ``asymmetric(rate)`` (Patrini et al. 2017): in every class ``c`` that has a target ``t(c) ≠ c``,
   exactly ``round(rate · N_c)`` examples chosen by the seed are relabelled ``t(c)``.
   CIFAR-10: truck→automobile, bird→airplane, deer→horse, cat↔dog. CIFAR-100: each class to the
-  next class (by label index, cyclically) of its superclass.
+  next class (by label index, cyclically) of its true superclass (this project's definition);
+  Patrini et al.'s public code flips within blocks of five consecutive label indices instead,
+  so CIFAR-100 numbers are not directly comparable with theirs.
 
 Noise depends only on (labels, kind, rate, seed): the same seed gives the same noisy labels.
 Test labels are never touched.
