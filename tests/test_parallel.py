@@ -122,6 +122,19 @@ def test_checkpoint_from_8_devices_resumes_on_1(tmp_path, monkeypatch):
 
 
 @needs_8
+def test_eval_batch_rounds_up_to_the_devices(tmp_path):
+  """An evaluation batch the devices do not divide (the paper configs' 1000 on 16 devices) is
+  rounded up: evaluation pads and masks, so the metrics equal those of a dividing batch."""
+  odd = train.train_and_evaluate(_config(eval_batch_size=100), str(tmp_path / "odd"))
+  even = train.train_and_evaluate(_config(eval_batch_size=96), str(tmp_path / "even"))
+  assert (odd["settings"]["eval_batch"], even["settings"]["eval_batch"]) == (104, 96)
+  a = read_lines(tmp_path / "odd" / "metrics.jsonl")[-1]
+  b = read_lines(tmp_path / "even" / "metrics.jsonl")[-1]
+  for key in ("test_loss", "test_accuracy", "eval_train_loss", "eval_train_accuracy"):
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+
+
+@needs_8
 @pytest.mark.parametrize("overrides, message", [
     ({"batch_size": 100}, "batch_size 100 is not divisible by the 8 devices"),
     ({"optimizer.name": "sam", "sam.m": 32},
