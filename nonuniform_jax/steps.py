@@ -218,7 +218,8 @@ def _zero_perturbations(model, state, batch, key):
 def make_eval_step(model) -> Callable:
   """Returns ``eval_step(params, batch_stats, batch) -> sums`` over the real (mask 1) examples:
   loss (plain cross-entropy, no smoothing), correct predictions and count; with a ``noisy``
-  field also the correct predictions and counts on the noisy and clean parts."""
+  field (1 where the label was flipped) also the correct predictions and count on the noisy
+  part, and with ``clean_labels`` the noisy part's predictions that match the true labels."""
   loss_fn = make_loss_fn(model, train=False)
 
   def eval_step(params, batch_stats, batch):
@@ -232,6 +233,9 @@ def make_eval_step(model) -> Callable:
       noisy = batch["noisy"] * mask
       sums["noisy_correct"] = jnp.sum(correct * noisy)
       sums["noisy_count"] = jnp.sum(noisy)
+      if "clean_labels" in batch:
+        true = (jnp.argmax(logits, -1) == batch["clean_labels"]).astype(jnp.float32)
+        sums["noisy_true_correct"] = jnp.sum(true * noisy)
     return sums
 
   return eval_step

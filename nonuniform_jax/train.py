@@ -242,6 +242,8 @@ def _evaluate(eval_step, state, source, batch_size, sharding) -> dict:
     out["accuracy_noisy"] = float(totals["noisy_correct"] / max(noisy, 1))
     out["accuracy_clean"] = float((totals["correct"] - totals["noisy_correct"])
                                   / max(count - noisy, 1))
+    if "noisy_true_correct" in totals:   # the flipped examples against their true labels
+      out["accuracy_noisy_true"] = float(totals["noisy_true_correct"] / max(noisy, 1))
   return out
 
 
@@ -345,6 +347,9 @@ def _train(config, workdir: str, settings: dict) -> dict:
   batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
   if is_main:
     data.write_label_noise(ds, workdir)
+    # The data facts (subset, class balance, label noise) as soon as they are known: a long run
+    # that dies before its summary still says what it trained on.
+    wd.write_json(os.path.join(workdir, wd.DATASET_FILE), ds.info)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   start_step = 0
   if manager.latest_step() is not None:

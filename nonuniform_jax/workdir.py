@@ -5,6 +5,8 @@
                            (config, seed) — identical across reruns on one machine
     DIR/timing.jsonl       step time and throughput at the same steps (machine-dependent)
     DIR/measures.jsonl     sharpness/nonuniformity measures with their settings, per step
+    DIR/dataset.json       at the start: the data's facts (sizes, subset and its class balance,
+                           preprocessing, label noise), also in the summary
     DIR/summary.json       at the end: config, versions, devices, final metrics, status
     DIR/checkpoints/       Orbax checkpoints
     DIR/events.out.*       TensorBoard (CLU metric writers)
@@ -25,6 +27,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 TIMING_FILE = "timing.jsonl"
 SUMMARY_FILE = "summary.json"
+DATASET_FILE = "dataset.json"
 MEASURES_FILE = "measures.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -129,7 +132,8 @@ def prepare_once(workdir: str, config: dict, overwrite: bool) -> str:
 
 def clear(root: epath.Path) -> None:
   """Removes what a run wrote: the files this module names and TensorBoard events; nothing else."""
-  for name in (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, MEASURES_FILE):
+  for name in (CONFIG_FILE, METRICS_FILE, TIMING_FILE, SUMMARY_FILE, MEASURES_FILE,
+               DATASET_FILE):
     if (root / name).exists():
       (root / name).unlink()
   if (root / CHECKPOINT_DIR).exists():

@@ -73,6 +73,8 @@ def test_default_run_writes_everything(reference_run):
   assert all(t["examples_per_second"] > 0 for t in timing)
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]
+  with open(os.path.join(workdir, "dataset.json")) as f:   # written at the start
+    assert json.load(f) == json.loads(json.dumps(summary["dataset"], default=str))
 
 
 def test_rerunning_a_completed_run_only_reports(reference_run, monkeypatch):

@@ -272,3 +272,25 @@ def test_kfac_due_as_a_static_bool_equals_the_traced_choice():
   # The wrong schedule keeps step 0's statistics untouched, where the right one refreshed them.
   np.testing.assert_array_equal(factors(c), first)
   assert np.max(np.abs(factors(a) - first)) > 1e-3
+
+
+def test_eval_step_splits_noisy_and_clean_examples():
+  """Fixed logits (a model that returns its inputs): correct counts on the noisy part against
+  the given (flipped) and the true labels, and on the clean part; padding never counts."""
+  class Logits(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      del train
+      return x
+
+  predicted = np.array([0, 1, 2, 1, 0, 2])                      # argmax of each row
+  batch = {"inputs": jnp.asarray(np.eye(3)[predicted], jnp.float32),
+           "labels": jnp.array([0, 1, 1, 1, 2, 0]),             # as given (some flipped)
+           "clean_labels": jnp.array([0, 2, 2, 1, 0, 0]),
+           "noisy": jnp.array([0., 1., 1., 0., 1., 0.]),
+           "mask": jnp.array([1., 1., 1., 1., 1., 0.])}         # the last is padding
+  sums = jax.jit(steps.make_eval_step(Logits()))({}, {}, batch)
+  # Real examples 0-4: correct against the given labels at 0, 1, 3; noisy ones are 1, 2, 4.
+  assert float(sums["count"]) == 5 and float(sums["correct"]) == 3
+  assert float(sums["noisy_count"]) == 3 and float(sums["noisy_correct"]) == 1    # example 1
+  assert float(sums["noisy_true_correct"]) == 2                                  # 2 and 4

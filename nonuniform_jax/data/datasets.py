@@ -146,7 +146,10 @@ def _in_memory(name, *, seed, data_dir, augment, num_train_examples, train_eval_
                                 num_classes=splits.num_classes, seed=seed, dataset=name)
   n = len(clean)
   subset = pipeline.seeded_subset(seed, pipeline.STREAM_TRAIN_EVAL, n, train_eval_examples)
-  extras = {"noisy": noise.noisy[subset].astype(np.float32)} if label_noise != "none" else {}
+  # With label noise, evaluation on the training side also knows which labels were flipped and
+  # what they were: accuracy on the noisy part against the given and against the true labels.
+  extras = ({"noisy": noise.noisy[subset].astype(np.float32), "clean_labels": clean[subset]}
+            if label_noise != "none" else {})
   where = dict(process_index=process_index, process_count=process_count)
   train = pipeline.ArraySource(train_inputs, noise.labels, preprocess=preprocess,
                                augment=augment_fn, **where)
