@@ -107,7 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
           # one backward pass), which lacks the per-coordinate statistics (adaptive tr Σ, GSNR)
           # the standard set should log. Set method='auto' for speed.
           "gradient_noise": {"chunk_size": 64, "method": "chunked"},
-          "batch_gradient_noise": {"batch_size": 128},
+          "batch_gradient_noise": {"batch_size": 0},   # 0: the training batch size
           "wu_nonuniformity": {"num_iters": 100},
           "kfac_structure": {},
           "diagnostics": {},

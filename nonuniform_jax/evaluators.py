@@ -8,6 +8,7 @@ and settings.
 
 import inspect
 import time
+import zlib
 from typing import Any, Sequence
 
 import jax
@@ -44,7 +45,7 @@ NONUNIFORMITY = ("gradient_noise", "batch_gradient_noise", "wu_nonuniformity", "
 BN_MODES = ("running", "batch")
 # Measures built on per-example gradients or Hessians: meaningless with BatchNorm in 'batch'
 # mode (one example's own statistics), so a run refuses that combination.
-PER_EXAMPLE = ("gradient_noise", "wu_nonuniformity", "kfac_structure")
+PER_EXAMPLE = ("gradient_noise", "batch_gradient_noise", "wu_nonuniformity", "kfac_structure")
 # Arguments without defaults that the settings must supply.
 _REQUIRED = {"top_eigenvalues": ("k",), "sam_sharpness": ("rho",),
              "worst_case_sharpness": ("rho",), "average_sharpness": ("rho",),
@@ -196,21 +197,24 @@ def scalars(results: dict) -> dict:
 def run(names: Sequence[str], settings: dict, model, params, batch_stats, batches: list, *,
         bn_mode: str = "running", seed: int = 0, num_classes: int | None = None) -> dict:
   """Computes each measure in ``names`` at ``params``; returns {name: JSON-able result} with
-  the settings used (the measure's own, plus subset size, BatchNorm mode, seed, seconds)."""
+  the settings used (the measure's own, plus subset size, BatchNorm mode, seed, seconds).
+
+  A measure that draws takes the key ``fold_in(key(seed), crc32(name))``: its draws depend on
+  its name and the seed, not on which other measures run or in what order."""
   fns = loss_functions(model, batch_stats, bn_mode)
   # The measures call perturbations_fn(batch); its parameters are traced arguments too.
   perturbations_fn = Partial(_plain_functions(model, bn_mode == "batch")["perturbations_fn"],
                              batch_stats, params)
   available = {**fns, "perturbations_fn": perturbations_fn, "num_classes": num_classes}
   results = {}
-  for i, name in enumerate(names):
+  for name in names:
     fn = MEASURES[name]
     accepted = inspect.signature(fn).parameters
     first = next(iter(accepted))   # loss_fn, or capture_loss_fn for the K-FAC measures
     kwargs = {k: v for k, v in available.items()
               if k in accepted and k != first and v is not None}
     if "key" in accepted:
-      kwargs["key"] = jax.random.fold_in(jax.random.key(seed), i)
+      kwargs["key"] = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
     kwargs.update(settings.get(name, {}))
     start = time.time()
     result = fn(fns[first], params, batches, **kwargs)

@@ -154,8 +154,13 @@ def measure_names(config) -> list[str]:
 
 
 def measure_settings(config, names) -> dict:
+  """Each measure's settings from the config; batch_gradient_noise's batch_size 0 (the
+  default) is the training batch size, the b whose noise it estimates."""
   settings = config.measures.settings
-  return {n: settings[n].to_dict() if n in settings else {} for n in names}
+  out = {n: settings[n].to_dict() if n in settings else {} for n in names}
+  if "batch_gradient_noise" in out and not out["batch_gradient_noise"].get("batch_size"):
+    out["batch_gradient_noise"]["batch_size"] = config.batch_size
+  return out
 
 
 def total_steps(config, num_train: int) -> int:

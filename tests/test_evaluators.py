@@ -3,6 +3,7 @@ checkpoint through the measure command."""
 
 import json
 import pathlib
+import zlib
 
 import jax
 import numpy as np
@@ -74,8 +75,26 @@ def test_evaluator_matches_direct_call_on_the_same_model():
                        {}, batches, seed=3)
   fns = evaluators.loss_functions(model, {}, "running")
   want = measures.hessian_trace(fns["loss_fn"], params, batches, num_probes=5,
-                                key=jax.random.fold_in(jax.random.key(3), 0))
+                                key=jax.random.fold_in(jax.random.key(3),
+                                                       zlib.crc32(b"hessian_trace")))
   np.testing.assert_allclose(got["hessian_trace"]["trace"], want["trace"], rtol=1e-6)
+
+
+def test_a_measures_draws_do_not_depend_on_the_others():
+  """The key of a measure that draws comes from its name: batch_gradient_noise alone and after
+  gradient_noise shuffles the same way (it used to take the key of its position in the list)."""
+  model = models.get_model("mlp", 3, widths=(8,))
+  rng = np.random.default_rng(0)
+  batches = [{"inputs": rng.normal(size=(32, 5)).astype(np.float32),
+              "labels": rng.integers(0, 3, 32)}]
+  params = model.init(jax.random.key(0), batches[0]["inputs"])["params"]
+  settings = {"batch_gradient_noise": {"batch_size": 4}, "gradient_noise": {}}
+  alone = evaluators.run(["batch_gradient_noise"], settings, model, params, {}, batches)
+  after = evaluators.run(["gradient_noise", "batch_gradient_noise"], settings, model, params, {},
+                         batches)
+  other = evaluators.run(["batch_gradient_noise"], settings, model, params, {}, batches, seed=1)
+  assert alone["batch_gradient_noise"]["batch_noise"] == after["batch_gradient_noise"][
+      "batch_noise"] != other["batch_gradient_noise"]["batch_noise"]
 
 
 @pytest.mark.parametrize("overrides, message", [

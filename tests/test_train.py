@@ -206,7 +206,8 @@ def test_cli_bad_override_and_missing_config(tmp_path):
                                     "BatchNorm (in model 'vgg16_bn') does not have"),
     ({"measure_nonuniformity": True, "measures.bn_mode": "batch",
       "measures.settings.batch_gradient_noise.batch_size": 16},
-     "measures ['gradient_noise', 'kfac_structure', 'wu_nonuniformity'] take per-example"),
+     "measures ['batch_gradient_noise', 'gradient_noise', 'kfac_structure', "
+     "'wu_nonuniformity'] take per-example"),
 ])
 def test_model_dependent_refusals_leave_the_workdir_untouched(overrides, message, tmp_path):
   """What only the model can tell (it has BatchNorm) is refused before the workdir is written."""
