@@ -68,13 +68,13 @@ class Problem:
     return [jax.tree.map(lambda x: x[a:b], self.batch) for a, b in zip(edges[:-1], edges[1:])]
 
   def grads(self):
-    """Brute force: G [n, P] (float64), row i = ∇ℓ_i ravelled, by vmap(grad) one example at a
-    time; and the layer of every column."""
+    """Brute force: G [n, P] (float64), row i = ∇ℓ_i ravelled, by jax.grad of one example at a
+    time in a Python loop (no vmap, unlike the code under test); and the layer of every
+    column."""
     flat, unravel = ravel_pytree(self.params)
-    def one(example):
-      single = jax.tree.map(lambda x: x[None], example)
-      return jax.grad(lambda f: self.loss_fn(unravel(f), single))(flat)
-    g = np.asarray(jax.jit(jax.vmap(one))(self.batch), np.float64)
+    one = jax.jit(lambda example: jax.grad(lambda f: self.loss_fn(unravel(f), example))(flat))
+    g = np.stack([np.asarray(one(jax.tree.map(lambda x, i=i: x[i:i + 1], self.batch)),
+                             np.float64) for i in range(self.n)])
     names = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
       names += ["/".join(str(k.key) for k in path[:-1])] * leaf.size
@@ -113,8 +113,9 @@ def brute_statistics(g, names, params):
 def assert_statistics(out, expected, rtol, keys=None):
   for key in keys or expected:
     if key.startswith("gsnr"):
-      # ḡ_j²/Var_j from float32 gradients carries a relative error of about ε·GSNR_j.
-      np.testing.assert_allclose(out[key], expected[key], rtol=100 * rtol, err_msg=key)
+      # ḡ_j²/Var_j from float32 gradients carries a relative error of about ε·GSNR_j, in the
+      # code under test and in the oracle's own (differently rounded) float32 gradients.
+      np.testing.assert_allclose(out[key], expected[key], rtol=300 * rtol, err_msg=key)
     elif key == "trace_sigma_layers":
       assert out[key].keys() == expected[key].keys()
       for layer in expected[key]:
@@ -201,7 +202,7 @@ def test_fast_path_equals_per_example_gradients(case, mlp):
   problem = mlp if case == "mlp" else FAST_CASES[case]()
   g, names = problem.grads()
   expected = brute_statistics(g, names, problem.params)
-  sizes = (8, 5) if case == "mlp" else (3, 3)  # unequal sizes, or one stacked group
+  sizes = {"mlp": (8, 5), "batchnorm": (4, 2)}.get(case, (3, 3))  # unequal, or one stacked
   fast = measures.gradient_noise(problem.loss_fn, problem.params, problem.split(*sizes),
                                  capture_loss_fn=problem.capture_loss_fn,
                                  perturbations_fn=problem.perturbations_fn)
@@ -213,6 +214,23 @@ def test_fast_path_equals_per_example_gradients(case, mlp):
                                    method="chunked", chunk_size=4)  # 6 = 4 + 2 (overlapping)
     assert_statistics(slow, expected, rtol=2e-5)
     assert_statistics(fast, slow, rtol=1e-4, keys=TRACE_FAMILY)
+
+
+def test_fast_path_in_chunks_and_its_cancellation_guard(mlp):
+  """The fast path captures chunk_size examples at a time (13 = 4 + 4 + 4 + 1 here) with the
+  same result; 'auto' reruns chunked when tr Σ is too small against mean‖g_i‖² for float32."""
+  kwargs = dict(capture_loss_fn=mlp.capture_loss_fn, perturbations_fn=mlp.perturbations_fn)
+  whole = measures.gradient_noise(mlp.loss_fn, mlp.params, [mlp.batch], method="fast", **kwargs)
+  parts = measures.gradient_noise(mlp.loss_fn, mlp.params, [mlp.batch], method="fast",
+                                  chunk_size=4, **kwargs)
+  assert_statistics(parts, whole, rtol=1e-5, keys=TRACE_FAMILY)
+  rng = np.random.default_rng(1)   # almost the same example 13 times: tr Σ ≈ 1e-8 mean‖g_i‖²
+  x = np.asarray(mlp.batch["x"][:1]) + 1e-4 * rng.normal(size=mlp.batch["x"].shape)
+  same = {"x": jnp.asarray(x, jnp.float32), "y": jnp.zeros(13, jnp.int32)}
+  auto = measures.gradient_noise(mlp.loss_fn, mlp.params, [same], **kwargs)
+  assert auto["method"] == "chunked" and "cancellation" in auto["method_reason"]
+  forced = measures.gradient_noise(mlp.loss_fn, mlp.params, [same], method="fast", **kwargs)
+  assert forced["method"] == "fast"
 
 
 def test_fast_path_falls_back_when_a_parameter_is_not_captured():

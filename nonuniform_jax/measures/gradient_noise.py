@@ -56,6 +56,9 @@ from nonuniform_jax.optim import kfac
 
 LossFn = Callable[[Any, Any], jax.Array]
 METHODS = ("auto", "fast", "chunked")
+# 'auto' reruns chunked when the fast path's tr Σ is below this fraction of mean‖g_i‖²: the
+# fast path subtracts two float32 sums of that size.
+CANCELLATION = 1e-3
 EIGEN_METHODS = ("power", "lanczos")
 
 
@@ -290,16 +293,24 @@ def _fast_weighted(capture_loss_fn, perturbations_fn, params, batch, weight, wit
 _tree_add = jax.jit(otu.tree_add)
 
 
-def _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors: bool) -> dict:
-  """Union means (batch means weighted by size) of what ``_fast_batch`` returns, one jitted
-  call per batch (a host loop, as in ``gradient_moments``)."""
+def _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors: bool,
+                chunk_size: int) -> dict:
+  """Union means (part means weighted by size) of what ``_fast_batch`` returns, one jitted
+  call per ``chunk_size`` consecutive examples of each batch (a host loop, as in
+  ``gradient_moments``): the captures (a convolution's input patches above all) are held for
+  one chunk at a time. Exact, because the captured model's examples do not interact (BatchNorm
+  is captured with its running statistics only)."""
   capture_loss_fn, perturbations_fn = _as_pytree(capture_loss_fn), _as_pytree(perturbations_fn)
   n = _tree.total_examples(groups)
   total = None
   for batch in _batches(groups):
-    part = _fast_weighted(capture_loss_fn, perturbations_fn, params, batch,
-                          np.float32(_tree.num_examples(batch) / n), with_factors=with_factors)
-    total = part if total is None else _tree_add(total, part)
+    b = _tree.num_examples(batch)
+    for start in range(0, b, chunk_size):
+      stop = min(start + chunk_size, b)
+      part = _fast_weighted(capture_loss_fn, perturbations_fn, params,
+                            jax.tree.map(lambda x, a=start, z=stop: x[a:z], batch),
+                            np.float32((stop - start) / n), with_factors=with_factors)
+      total = part if total is None else _tree_add(total, part)
   return total
 
 
@@ -376,7 +387,8 @@ def gradient_noise(loss_fn: LossFn, params, batches: Sequence[Any], *,
   (``chunk_size`` at a time, centred, so exact to float rounding). ``'fast'`` takes the exact
   per-layer norms from one capture pass per batch (module docstring) — about the cost of one
   batch gradient, but it gives only the trace family above, and computes tr Σ as
-  mean‖g_i‖² − ‖ḡ‖² (float32 cancellation when tr Σ ≪ ‖ḡ‖²). It runs only when every parameter
+  mean‖g_i‖² − ‖ḡ‖² (float32 cancellation when tr Σ ≪ ‖ḡ‖²: ``'auto'`` reruns chunked when
+  tr Σ < 1e-3·mean‖g_i‖², ``'fast'`` does not). It runs only when every parameter
   belongs to a captured layer (LayerNorms, embeddings, and BatchNorm in batch-statistics mode
   are not); otherwise
   ``'fast'`` and ``'auto'`` fall back to ``'chunked'``. ``'auto'`` picks ``'fast'`` whenever it
@@ -388,8 +400,8 @@ def gradient_noise(loss_fn: LossFn, params, batches: Sequence[Any], *,
     batches: sequence of batches; the statistics are over their union.
     per_example_loss_fn: ``(params, batch) -> [b]`` losses; by default ``loss_fn`` on
       single-example batches.
-    chunk_size: per-example gradients held at once (bounds memory; the result does not depend
-      on it beyond float rounding).
+    chunk_size: per-example gradients held at once, or on the fast path examples captured at
+      once (bounds memory; the result does not depend on it beyond float rounding).
     method: one of ``METHODS``.
     capture_loss_fn, perturbations_fn: enable the fast path (module docstring).
     key: unused (the statistics are exact); accepted for the common measure signature.
@@ -407,9 +419,14 @@ def gradient_noise(loss_fn: LossFn, params, batches: Sequence[Any], *,
     raise ValueError(f"gradient noise needs at least 2 examples, got {n}")
   ran, reason = _choose_method(method, params, capture_loss_fn, perturbations_fn, groups)
   if ran == "fast":
-    means = _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors=False)
+    means = _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors=False,
+                        chunk_size=chunk_size)
     out = _floats(_fast_statistics(means, n))
-  else:
+    if method == "auto" and out["trace_sigma"] < CANCELLATION * out["mean_sq_grad_norm"]:
+      ran, reason = "chunked", (f"the fast path's tr Σ = {out['trace_sigma']:.3g} is below "
+                                f"{CANCELLATION:g} of mean‖g_i‖² = {out['mean_sq_grad_norm']:.3g}"
+                                f" (float32 cancellation); ran chunked")
+  if ran != "fast":
     moments = _gradient_moments(loss_fn, per_example_loss_fn, params, groups, chunk_size)
     out = _floats(_moment_statistics(moments, params))
     out["gsnr_num_params"] = int(out["gsnr_num_params"])
@@ -425,7 +442,7 @@ def _num_batches(groups) -> int:
 
 
 def kfac_structure(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
-                   perturbations_fn: Callable, key=None) -> dict:
+                   perturbations_fn: Callable, chunk_size: int = 64, key=None) -> dict:
   """Kronecker-factored trace and structure of the per-example gradient second moment.
 
   Over the union of ``batches``, per captured layer l with factors A_l, G_l
@@ -445,6 +462,7 @@ def kfac_structure(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
   Args:
     capture_loss_fn, perturbations_fn: as for the fast path of ``gradient_noise``.
     params, batches: as every measure. key: unused.
+    chunk_size: examples captured at once (bounds memory, as in ``gradient_noise``).
 
   Returns:
     dict: ``layers`` ({layer: {the six values above}}), ``kfac_trace``, ``kfac_trace_centred``,
@@ -453,7 +471,9 @@ def kfac_structure(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
   """
   del key
   groups = _tree.group_batches(batches)
-  means = _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors=True)
+  _tree.check_positive_int("chunk_size", chunk_size)
+  means = _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors=True,
+                      chunk_size=chunk_size)
   rank = kfac.effective_rank(means["factors"])
   mean_grads = kfac.to_layer_matrices(means["grads"], means["factors"])
   rank_centred = kfac.effective_rank_centred(means["factors"], mean_grads)
