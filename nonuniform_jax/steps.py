@@ -81,8 +81,9 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
   its own pass), or None to read it from the optimizer state and choose with ``lax.cond`` (one
   program). XLA:CPU runs convolutions inside a conditional many times slower (measured 26x on
   ResNet-20), so the trainer passes the bool; it must equal ``kfac.stats_due(opt_state)``,
-  i.e. ``update_index % stats_every == 0``. It goes on to ``tx.update`` as ``kfac_due``, so a
-  step that does not refresh also skips the factor schedule's conditionals.
+  i.e. ``update_index % stats_every == 0``. It goes on to ``tx.update`` as ``kfac_due``, so the
+  factor schedule's conditionals are chosen while tracing too where the periods allow
+  (``kfac.update_state``; all of them with the default equal periods).
 
   Args:
     model: a Flax module called as ``model.apply(variables, x, train=...)``.

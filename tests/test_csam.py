@@ -22,7 +22,7 @@ from nonuniform_jax.optim import kfac
 
 RHO1, RHO2, ALPHA, ETA, LR, DAMPING = 0.1, 0.2, 0.6, 0.05, 0.5, 1e-2
 STATS_EVERY, INVERSE_EVERY, DECAY = 2, 3, 0.9
-STEPS = 3
+STEPS = 4   # reaches step 3: an inverse refresh on a step without new statistics
 
 
 @functools.lru_cache(maxsize=None)

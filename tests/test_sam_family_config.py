@@ -23,6 +23,12 @@ def test_every_combination_checks(setup, method):
     assert c.csam.metric == ("kfac" if method == "csam_kfac" else "identity")
   if setup == "cifar10_resnet20" and method == "csam":
     assert c.csam.alpha == 0.6
+  # The authors' base for every method and setup (the MNIST MLP's own config is plain SGD).
+  assert (c.optimizer.name if method == "sgd" else c.optimizer.base) == "sgd"
+  assert (c.optimizer.momentum, c.schedule.name, c.optimizer.learning_rate,
+          c.batch_size) == (0.9, "cosine", 0.1, 128)
+  if c.dataset.startswith("cifar"):
+    assert c.num_epochs == 300.0
 
 
 def test_bad_config_string():

@@ -238,7 +238,8 @@ def test_nonuniform_sam_is_csam_in_configs():
   assert train.family_extra_args(c) == ("kfac_factors",)
 
 
-def test_kfac_due_as_a_static_bool_equals_the_traced_choice():
+@pytest.mark.parametrize("inverse_every", [2, 3, 4])
+def test_kfac_due_as_a_static_bool_equals_the_traced_choice(inverse_every):
   """The trainer tells the K-FAC step whether it refreshes (a static bool: no lax.cond, which
   XLA:CPU runs slowly around convolutions); over steps that do and do not refresh, the result
   equals the step that reads it from the optimizer state."""
@@ -247,11 +248,12 @@ def test_kfac_due_as_a_static_bool_equals_the_traced_choice():
   model, batch, variables = setup()
   perts = zero_perturbations(model, variables, batch["inputs"], train=True)
   every = 2
-  tx = optax.chain(optim.csam(0.05, 0.1, 0.9, metric="kfac", stats_every=every, inverse_every=2,
+  tx = optax.chain(optim.csam(0.05, 0.1, 0.9, metric="kfac", stats_every=every,
+                              inverse_every=inverse_every,
                               kfac_layers=kfac.layer_names(perts)), optax.sgd(LR))
-  step = steps.make_train_step(model, tx, seed=0, passes=3, extra_args=("kfac_factors",))
-  traced = jax.jit(step)
-  static = jax.jit(step, static_argnames=("kfac_due",))
+  make = lambda: steps.make_train_step(model, tx, seed=0, passes=3, extra_args=("kfac_factors",))
+  traced = jax.jit(make())
+  static = jax.jit(make(), static_argnames=("kfac_due",))   # its own function: its own cache
   a = b = c = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                                batch_stats=variables["batch_stats"],
                                opt_state=tx.init(variables["params"]))
@@ -272,6 +274,7 @@ def test_kfac_due_as_a_static_bool_equals_the_traced_choice():
   # The wrong schedule keeps step 0's statistics untouched, where the right one refreshed them.
   np.testing.assert_array_equal(factors(c), first)
   assert np.max(np.abs(factors(a) - first)) > 1e-3
+  assert static._cache_size() == 2   # one program for refresh steps, one for the others
 
 
 def test_eval_step_splits_noisy_and_clean_examples():

@@ -494,10 +494,11 @@ def update_state(state: KFACState, batch, *, ema_decay: float, stats_every: int,
   ``due``: None reads the schedule from ``state.step`` and chooses with ``lax.cond`` (one
   program for every step). A Python bool says whether this step refreshes the statistics (it
   must equal ``stats_due(...)`` before the update, i.e. step % stats_every == 0): the
-  statistics branch is then chosen while tracing, and so is the inverse one when
-  ``inverse_every`` is a multiple of ``stats_every`` (the inverse is never due on a step without
-  statistics; equal periods make it due exactly with them). A step that does not refresh then
-  carries the state through untouched instead of running two conditionals on every call.
+  statistics branch is then chosen while tracing. The inverse branch is chosen while tracing
+  too on a step without statistics when ``inverse_every`` is a multiple of ``stats_every`` (it
+  cannot be due there), and on a step with them when the two periods are equal (it is due
+  there); otherwise it stays a ``lax.cond``. With the default equal periods a step that does not
+  refresh carries the state through untouched, with no conditional.
   """
   if set(batch) != set(state.factors):
     raise ValueError(f"batch factors for layers {sorted(batch)} do not match the state's "
