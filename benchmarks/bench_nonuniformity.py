@@ -3,9 +3,9 @@
 Each time is a ratio to one jitted batch gradient (``jax.grad`` of the mean loss) of the same
 model and batch, all measured side by side:
 
-* fast path: capture passes of 64 examples (``optim.kfac`` captures, exact per-layer
-  per-example norms) and the trace statistics, i.e. what ``gradient_noise(method='fast')``
-  runs with its default ``chunk_size``, less its per-call
+* fast path: capture passes (``optim.kfac`` captures, exact per-layer per-example norms) of
+  as many examples as fit the default 256 MiB of captures, and the trace statistics, i.e. what
+  ``gradient_noise(method='fast')`` runs, less its per-call
   coverage check (goal <= 2). On ResNet-20 the capture covers BatchNorm's scales and offsets
   too (running statistics, as the measures apply it), so every parameter is on the fast path.
 * chunked: per-example gradients ``jax.vmap(jax.grad)`` in chunks, one jitted step per chunk
@@ -47,7 +47,6 @@ gn = importlib.import_module("nonuniform_jax.measures.gradient_noise")
 BATCH = 256
 FAST_GOAL = 2.0
 LOOP_GOAL = 10.0
-FAST_CHUNK = 64   # gradient_noise's default chunk_size: examples captured at once
 MEMORY_GOAL = 1.1
 CASES = {  # case -> (model name, input shape, chunk size, examples timed in the loop)
     "default MLP": ("mlp", (40,), 64, 64),
@@ -88,12 +87,12 @@ def _chunked(loss_fn, chunk_size):
   return fn
 
 
-def _fast(capture_fn, perturbations_fn, n, chunk_size):
-  """tr Σ as ``gradient_noise(method='fast', chunk_size=...)`` computes it, without its
-  coverage check (a trace of the model by ``jax.eval_shape``, done once per call)."""
+def _fast(capture_fn, perturbations_fn, n):
+  """tr Σ as ``gradient_noise(method='fast')`` computes it with its default capture budget,
+  without its coverage check (a trace of the model by ``jax.eval_shape``, done once per call)."""
   def fn(params, batch):
     means = gn._fast_means(capture_fn, perturbations_fn, params, ((batch, np.int32(0)),),
-                           with_factors=False, chunk_size=chunk_size)
+                           with_factors=False, capture_bytes=gn.CAPTURE_BYTES)
     return gn._fast_statistics(means, n)["trace_sigma"]
   return fn
 
@@ -137,8 +136,10 @@ def _timing_rows(case, name, shape, chunk_size, loop_count, quick):
   loss_fn, capture_fn, perturbations_fn, params, batch = _problem(name, shape, batch_size)
   uncovered = gn._uncovered(params, capture_fn, perturbations_fn, ((batch, np.int32(0)),))
   grad_s = time_fn(jax.jit(jax.grad(loss_fn)), params, batch, repeats=repeats)
-  fast_s = time_fn(_fast(capture_fn, perturbations_fn, batch_size, FAST_CHUNK), params, batch,
+  fast_s = time_fn(_fast(capture_fn, perturbations_fn, batch_size), params, batch,
                    repeats=repeats)
+  per_example = gn.capture_bytes_per_example(capture_fn, perturbations_fn, params, batch)
+  fast_chunk = min(batch_size, max(1, gn.CAPTURE_BYTES // per_example))
   chunked_s = time_fn(_chunked(loss_fn, chunk_size), params, batch, repeats=repeats)
   loop_s = _loop_seconds(loss_fn, params, batch, loop_count, max(repeats // 2, 1))
   dispatch_s = _loop_seconds(loss_fn, params, batch, loop_count, max(repeats // 2, 1),
@@ -149,7 +150,8 @@ def _timing_rows(case, name, shape, chunk_size, loop_count, quick):
   bound = loop_s / max(loop_s - dispatch_s, 1e-12)
   base = {"benchmark": f"tr Σ, batch {batch_size}", "case": case}
   ms = lambda s: f"{1e3 * s:.1f} ms"
-  fast_note = f"{ms(fast_s)} in captures of {FAST_CHUNK}; batch gradient {ms(grad_s)}"
+  fast_note = (f"{ms(fast_s)}, {fast_chunk} examples per capture pass "
+               f"({per_example / 2**20:.2f} MiB each); batch gradient {ms(grad_s)}")
   if uncovered:
     fast_note += (f"; {len(uncovered)} parameters not captured (e.g. {uncovered[0]}), so "
                   "gradient_noise runs chunked here: this times the capture pass alone")

@@ -180,7 +180,8 @@ def _jsonable(value) -> Any:
 _SETTING_KEYS = {"num_iters", "tol", "seed", "num_examples", "num_batches", "seconds", "rho", "eta",
                  "num_steps", "step_size", "num_draws", "num_probes", "target", "magnitude_eps",
                  "sigma_max", "search_depth", "tolerance", "num_samples", "chunk_size", "k",
-                 "batch_size", "iterations", "num_hvps", "gsnr_num_params", "subset_batch_size"}
+                 "batch_size", "iterations", "num_hvps", "gsnr_num_params", "subset_batch_size",
+                 "capture_bytes"}
 
 
 def scalars(results: dict) -> dict:

@@ -216,13 +216,23 @@ def test_fast_path_equals_per_example_gradients(case, mlp):
     assert_statistics(fast, slow, rtol=1e-4, keys=TRACE_FAMILY)
 
 
-def test_fast_path_in_chunks_and_its_cancellation_guard(mlp):
-  """The fast path captures chunk_size examples at a time (13 = 4 + 4 + 4 + 1 here) with the
-  same result; 'auto' reruns chunked when tr Σ is too small against mean‖g_i‖² for float32."""
+def test_fast_path_in_chunks_and_its_cancellation_guard(mlp, monkeypatch):
+  """The fast path captures as many examples at once as fit capture_bytes (one example of
+  this MLP: inputs with a bias column 5 + 9, output gradients 8 + 3 floats, 100 bytes; 400 bytes
+  make 13 = 4 + 4 + 4 + 1) with the same result; 'auto' reruns chunked when tr Σ is too small
+  against mean‖g_i‖² for float32."""
   kwargs = dict(capture_loss_fn=mlp.capture_loss_fn, perturbations_fn=mlp.perturbations_fn)
+  assert gradient_noise_module.capture_bytes_per_example(
+      mlp.capture_loss_fn, mlp.perturbations_fn, mlp.params, mlp.batch) == 100
   whole = measures.gradient_noise(mlp.loss_fn, mlp.params, [mlp.batch], method="fast", **kwargs)
+  sizes, real = [], gradient_noise_module._fast_weighted
+  def recording(capture, perts, params, batch, weight, with_factors):
+    sizes.append(len(batch["y"]))
+    return real(capture, perts, params, batch, weight, with_factors=with_factors)
+  monkeypatch.setattr(gradient_noise_module, "_fast_weighted", recording)
   parts = measures.gradient_noise(mlp.loss_fn, mlp.params, [mlp.batch], method="fast",
-                                  chunk_size=4, **kwargs)
+                                  capture_bytes=400, **kwargs)
+  assert sizes == [4, 4, 4, 1]
   assert_statistics(parts, whole, rtol=1e-5, keys=TRACE_FAMILY)
   rng = np.random.default_rng(1)   # almost the same example 13 times: tr Σ ≈ 1e-8 mean‖g_i‖²
   x = np.asarray(mlp.batch["x"][:1]) + 1e-4 * rng.normal(size=mlp.batch["x"].shape)

@@ -41,6 +41,7 @@ perturbations`` (e.g. ``lambda b: layers.zero_perturbations(model, variables, b[
 """
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -59,6 +60,8 @@ METHODS = ("auto", "fast", "chunked")
 # 'auto' reruns chunked when the fast path's tr Σ is below this fraction of mean‖g_i‖²: the
 # fast path subtracts two float32 sums of that size.
 CANCELLATION = 1e-3
+# The fast path's captures held at once (layer inputs, convolution patches, output gradients).
+CAPTURE_BYTES = 256 * 2**20
 EIGEN_METHODS = ("power", "lanczos")
 
 
@@ -293,17 +296,36 @@ def _fast_weighted(capture_loss_fn, perturbations_fn, params, batch, weight, wit
 _tree_add = jax.jit(otu.tree_add)
 
 
+def _capture_pass(capture_loss_fn, perturbations_fn, params, batch):
+  return kfac.loss_grad_and_captures(capture_loss_fn, params, perturbations_fn(batch), batch)
+
+
+def capture_bytes_per_example(capture_loss_fn, perturbations_fn, params, batch) -> int:
+  """Bytes of the captures (layer inputs or patches, output gradients) of one example, from
+  shapes only (``jax.eval_shape``, nothing computed; traced once per model and shapes)."""
+  one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), batch)
+  shapes = jax.eval_shape(_capture_pass, _as_pytree(capture_loss_fn),
+                          _as_pytree(perturbations_fn), params, one)
+  return sum(math.prod(x.shape) * x.dtype.itemsize
+             for x in jax.tree.leaves((shapes.captures, shapes.norm_captures)))
+
+
 def _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors: bool,
-                chunk_size: int) -> dict:
+                capture_bytes: int) -> dict:
   """Union means (part means weighted by size) of what ``_fast_batch`` returns, one jitted
-  call per ``chunk_size`` consecutive examples of each batch (a host loop, as in
-  ``gradient_moments``): the captures (a convolution's input patches above all) are held for
-  one chunk at a time. Exact, because the captured model's examples do not interact (BatchNorm
-  is captured with its running statistics only)."""
+  call per part of each batch holding as many consecutive examples as have captures within
+  ``capture_bytes`` (at least one; a host loop, as in ``gradient_moments``): memory is bounded
+  by the budget, not the batch, and a small model's batch goes in one call. Exact, because the
+  captured model's examples do not interact (BatchNorm is captured with its running statistics
+  only)."""
   capture_loss_fn, perturbations_fn = _as_pytree(capture_loss_fn), _as_pytree(perturbations_fn)
   n = _tree.total_examples(groups)
   total = None
+  chunk_size = None
   for batch in _batches(groups):
+    if chunk_size is None:
+      chunk_size = max(1, capture_bytes // capture_bytes_per_example(
+          capture_loss_fn, perturbations_fn, params, batch))
     b = _tree.num_examples(batch)
     for start in range(0, b, chunk_size):
       stop = min(start + chunk_size, b)
@@ -365,7 +387,8 @@ def _floats(tree):
 def gradient_noise(loss_fn: LossFn, params, batches: Sequence[Any], *,
                    per_example_loss_fn: LossFn | None = None, chunk_size: int = 64,
                    method: str = "auto", capture_loss_fn: Callable | None = None,
-                   perturbations_fn: Callable | None = None, key=None) -> dict:
+                   perturbations_fn: Callable | None = None, capture_bytes: int = CAPTURE_BYTES,
+                   key=None) -> dict:
   """The gradient-noise statistics over the n examples of ``batches``.
 
   With g_i the per-example gradients, ḡ = mean_i g_i and θ the parameters::
@@ -400,8 +423,10 @@ def gradient_noise(loss_fn: LossFn, params, batches: Sequence[Any], *,
     batches: sequence of batches; the statistics are over their union.
     per_example_loss_fn: ``(params, batch) -> [b]`` losses; by default ``loss_fn`` on
       single-example batches.
-    chunk_size: per-example gradients held at once, or on the fast path examples captured at
-      once (bounds memory; the result does not depend on it beyond float rounding).
+    chunk_size: per-example gradients held at once on the chunked path (bounds memory; the
+      result does not depend on it beyond float rounding).
+    capture_bytes: the fast path's captures held at once (about 256 MiB by default; a small
+      model's whole batch fits, a ResNet's convolution patches take tens of examples).
     method: one of ``METHODS``.
     capture_loss_fn, perturbations_fn: enable the fast path (module docstring).
     key: unused (the statistics are exact); accepted for the common measure signature.
@@ -413,6 +438,7 @@ def gradient_noise(loss_fn: LossFn, params, batches: Sequence[Any], *,
   del key
   _tree.check_choice("method", method, METHODS)
   _tree.check_positive_int("chunk_size", chunk_size)
+  _tree.check_positive_int("capture_bytes", capture_bytes)
   groups = _tree.group_batches(batches)
   n = _tree.total_examples(groups)
   if n < 2:
@@ -420,7 +446,7 @@ def gradient_noise(loss_fn: LossFn, params, batches: Sequence[Any], *,
   ran, reason = _choose_method(method, params, capture_loss_fn, perturbations_fn, groups)
   if ran == "fast":
     means = _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors=False,
-                        chunk_size=chunk_size)
+                        capture_bytes=capture_bytes)
     out = _floats(_fast_statistics(means, n))
     if method == "auto" and out["trace_sigma"] < CANCELLATION * out["mean_sq_grad_norm"]:
       ran, reason = "chunked", (f"the fast path's tr Σ = {out['trace_sigma']:.3g} is below "
@@ -431,7 +457,7 @@ def gradient_noise(loss_fn: LossFn, params, batches: Sequence[Any], *,
     out = _floats(_moment_statistics(moments, params))
     out["gsnr_num_params"] = int(out["gsnr_num_params"])
   return {**out, "num_examples": n, "num_batches": _num_batches(groups), "chunk_size": chunk_size,
-          "method": ran, "method_reason": reason}
+          "capture_bytes": capture_bytes, "method": ran, "method_reason": reason}
 
 
 def _num_batches(groups) -> int:
@@ -442,7 +468,8 @@ def _num_batches(groups) -> int:
 
 
 def kfac_structure(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
-                   perturbations_fn: Callable, chunk_size: int = 64, key=None) -> dict:
+                   perturbations_fn: Callable, capture_bytes: int = CAPTURE_BYTES,
+                   key=None) -> dict:
   """Kronecker-factored trace and structure of the per-example gradient second moment.
 
   Over the union of ``batches``, per captured layer l with factors A_l, G_l
@@ -462,7 +489,7 @@ def kfac_structure(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
   Args:
     capture_loss_fn, perturbations_fn: as for the fast path of ``gradient_noise``.
     params, batches: as every measure. key: unused.
-    chunk_size: examples captured at once (bounds memory, as in ``gradient_noise``).
+    capture_bytes: captures held at once (bounds memory, as in ``gradient_noise``).
 
   Returns:
     dict: ``layers`` ({layer: {the six values above}}), ``kfac_trace``, ``kfac_trace_centred``,
@@ -471,9 +498,9 @@ def kfac_structure(capture_loss_fn: Callable, params, batches: Sequence[Any], *,
   """
   del key
   groups = _tree.group_batches(batches)
-  _tree.check_positive_int("chunk_size", chunk_size)
+  _tree.check_positive_int("capture_bytes", capture_bytes)
   means = _fast_means(capture_loss_fn, perturbations_fn, params, groups, with_factors=True,
-                      chunk_size=chunk_size)
+                      capture_bytes=capture_bytes)
   rank = kfac.effective_rank(means["factors"])
   mean_grads = kfac.to_layer_matrices(means["grads"], means["factors"])
   rank_centred = kfac.effective_rank_centred(means["factors"], mean_grads)
