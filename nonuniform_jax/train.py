@@ -397,57 +397,61 @@ def _train(config, workdir: str, settings: dict) -> dict:
   progress = _progress(config, start_step, num_steps, is_main)
   window, window_start, window_time = [], start_step, time.time()
   final, diverged_step = {}, None
-  for step in range(start_step + 1, num_steps + 1):
-    if kfac_every:
-      state, step_metrics = train_step(state, next(batches), (step - 1) % kfac_every == 0)
-    else:
-      state, step_metrics = train_step(state, next(batches), None)
-    window.append(step_metrics)
-    is_log = step % config.log_every == 0 or step == num_steps
-    is_eval = step % config.eval_every == 0 or step == num_steps
-    is_ckpt = step % config.checkpoint_every == 0 or step == num_steps
-    every = config.measures.every_steps
-    is_measure = bool(names) and ((every > 0 and step % every == 0) or step == num_steps)
-    if not (is_log or is_eval or is_ckpt or is_measure):
-      continue
-    stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window))
-    bad = np.flatnonzero(~np.isfinite(stacked["train_loss"]))
-    if bad.size:
-      diverged_step = window_start + int(bad[0]) + 1
-      break
-    elapsed = time.time() - window_time
-    record = {"step": step, "learning_rate": float(schedule(step - 1))}
-    record.update({k: float(np.mean(v)) for k, v in stacked.items()})
-    if is_eval:
-      test = _evaluate(eval_step, state, ds.test, settings["eval_batch"], batch_sharding)
-      train_side = _evaluate(eval_step, state, ds.train_eval, settings["eval_batch"],
-                             batch_sharding)
-      record.update({f"test_{k}": v for k, v in test.items()})
-      record.update({f"eval_train_{k}": v for k, v in train_side.items()})
-      record["generalization_gap"] = test["loss"] - train_side["loss"]
-      record["accuracy_gap"] = train_side["accuracy"] - test["accuracy"]
-      final = record
-    if is_measure:
-      measured = evaluators.run(names, measure_settings(config, names), model, state.params,
-                                state.batch_stats, measure_batches,
-                                bn_mode=config.measures.bn_mode, seed=config.measures.seed,
-                                num_classes=ds.num_classes)
-      record.update(evaluators.scalars(measured))
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      if kfac_every:
+        state, step_metrics = train_step(state, next(batches), (step - 1) % kfac_every == 0)
+      else:
+        state, step_metrics = train_step(state, next(batches), None)
+      window.append(step_metrics)
+      is_log = step % config.log_every == 0 or step == num_steps
+      is_eval = step % config.eval_every == 0 or step == num_steps
+      is_ckpt = step % config.checkpoint_every == 0 or step == num_steps
+      every = config.measures.every_steps
+      is_measure = bool(names) and ((every > 0 and step % every == 0) or step == num_steps)
+      if not (is_log or is_eval or is_ckpt or is_measure):
+        continue
+      stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window))
+      bad = np.flatnonzero(~np.isfinite(stacked["train_loss"]))
+      if bad.size:
+        diverged_step = window_start + int(bad[0]) + 1
+        break
+      elapsed = time.time() - window_time
+      record = {"step": step, "learning_rate": float(schedule(step - 1))}
+      record.update({k: float(np.mean(v)) for k, v in stacked.items()})
+      if is_eval:
+        test = _evaluate(eval_step, state, ds.test, settings["eval_batch"], batch_sharding)
+        train_side = _evaluate(eval_step, state, ds.train_eval, settings["eval_batch"],
+                               batch_sharding)
+        record.update({f"test_{k}": v for k, v in test.items()})
+        record.update({f"eval_train_{k}": v for k, v in train_side.items()})
+        record["generalization_gap"] = test["loss"] - train_side["loss"]
+        record["accuracy_gap"] = train_side["accuracy"] - test["accuracy"]
+        final = record
+      if is_measure:
+        measured = evaluators.run(names, measure_settings(config, names), model, state.params,
+                                  state.batch_stats, measure_batches,
+                                  bn_mode=config.measures.bn_mode, seed=config.measures.seed,
+                                  num_classes=ds.num_classes)
+        record.update(evaluators.scalars(measured))
+        if is_main:
+          measures_log.append({"step": step, **measured})
+      timing = {"step": step, "step_time_s": elapsed / len(window),
+                "examples_per_second": config.batch_size * len(window) / elapsed}
       if is_main:
-        measures_log.append({"step": step, **measured})
-    timing = {"step": step, "step_time_s": elapsed / len(window),
-              "examples_per_second": config.batch_size * len(window) / elapsed}
-    if is_main:
-      metrics_log.append(record)
-      timing_log.append(timing)
-      writer.write_scalars(step, {**record, **timing})
-    if is_ckpt:
-      manager.save(step, args=ocp.args.StandardSave(state))
-    progress.update(step - progress.n)
-    progress.set_postfix(loss=f"{record['train_loss']:.4f}")
-    window, window_start, window_time = [], step, time.time()
+        metrics_log.append(record)
+        timing_log.append(timing)
+        writer.write_scalars(step, {**record, **timing})
+      if is_ckpt:
+        manager.save(step, args=ocp.args.StandardSave(state))
+      progress.update(step - progress.n)
+      progress.set_postfix(loss=f"{record['train_loss']:.4f}")
+      window, window_start, window_time = [], step, time.time()
+  finally:
+    # Interrupted (KeyboardInterrupt, an error) or not, finish the checkpoint being written, so
+    # that a rerun resumes from it instead of from the one before.
+    manager.wait_until_finished()
   progress.close()
-  manager.wait_until_finished()
   writer.flush()
 
   summary = {

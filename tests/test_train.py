@@ -284,3 +284,39 @@ def test_the_rest_of_the_family_trains_end_to_end(name, tmp_path):
   init = train.build(config, train.check_config(config)).state.params
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(params),
                                                    jax.tree.leaves(init)))
+
+
+@pytest.mark.parametrize("inverse_every", [3, 2])
+def test_kfac_run_resumed_in_the_middle_of_a_period_matches(inverse_every, tmp_path,
+                                                            monkeypatch):
+  """CSAM-K-FAC interrupted after its step-4 checkpoint, between refreshes (statistics at
+  updates 0, 3, 6), resumes with the schedule the trainer derives from the step: the metrics
+  and parameters equal an uninterrupted run's."""
+  config = small_config(**{"optimizer.name": "csam", "csam.metric": "kfac", "num_steps": 8,
+                           "log_every": 2, "eval_every": 4, "checkpoint_every": 4,
+                           "kfac.stats_every": 3, "kfac.inverse_every": inverse_every,
+                           "batch_size": 32})
+  config.model.widths = (16,)
+  whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+  train.train_and_evaluate(config, str(whole))
+  real_prefetch = data.prefetch_to_device
+
+  def crashing_prefetch(iterator, size, sharding):
+    for i, batch in enumerate(real_prefetch(iterator, size, sharding)):
+      if i == 5 and "mask" not in batch:   # the sixth training batch: after the step-4 save
+        raise KeyboardInterrupt("simulated preemption")
+      yield batch
+
+  monkeypatch.setattr(data, "prefetch_to_device", crashing_prefetch)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(resumed))
+  assert sorted(os.listdir(resumed / "checkpoints")) == ["4"]
+  monkeypatch.setattr(data, "prefetch_to_device", real_prefetch)
+  assert train.train_and_evaluate(config, str(resumed))["status"] == "completed"
+  a, b = read_lines(whole / "metrics.jsonl"), read_lines(resumed / "metrics.jsonl")
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 8]
+  for ra, rb in zip(a, b):
+    for key in ra:
+      np.testing.assert_allclose(ra[key], rb[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+               final_params(str(resumed)), final_params(str(whole)))
