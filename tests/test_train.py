@@ -174,6 +174,23 @@ def _cli(*args, cwd):
                         capture_output=True, text=True, timeout=120)
 
 
+def test_cli_missing_dataset_is_one_line(tmp_path):
+  """A dataset that is not prepared: exit status 2 and, as the last line, which dataset, where
+  it looked and how to prepare it; the workdir is left as it was."""
+  workdir, empty = tmp_path / "w", tmp_path / "tfds"
+  workdir.mkdir()
+  empty.mkdir()
+  (workdir / "keep.txt").write_text("precious")
+  result = _cli(f"--config={ROOT}/configs/cifar10_resnet20.py:laptop", f"--workdir={workdir}",
+                f"--config.data_dir={empty}", cwd=tmp_path)
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: dataset 'cifar10' is not prepared"), result.stderr[-2000:]
+  assert str(empty) in last and "tfds build cifar10" in last
+  assert "Traceback" not in result.stderr
+  assert sorted(os.listdir(workdir)) == ["keep.txt"]
+
+
 def test_cli_bad_override_and_missing_config(tmp_path):
   workdir = tmp_path / "w"
   workdir.mkdir()
