@@ -6,10 +6,11 @@ mean nothing, bytes do. One gradient all-reduce per gradient evaluation is the g
 one gradient, SAM with a whole-batch perturbation two (the clean gradient's norm needs the
 global gradient), SAM with m-sharpness groups inside each device's shard one, CSAM three; GAM,
 SAM-GCM and COV (whole batch in one group) two each (COV: g_B, which centres the per-example
-gradients, then the mean of the per-example Hessian-vector products H_i (g_i − g_B)). A row's value is the cheapest step
-(of a conditional's branches the cheaper); its note gives the most expensive step where that
-differs (GAM all-reduces its Kronecker factors on the steps that refresh them, one in
-``kfac.stats_every``) and the bytes all-gathered where there are any (such a row is not ok).
+gradients, then the mean of the per-example Hessian-vector products H_i (g_i − g_B)). A row's
+value is the cheapest step (of a conditional's branches the cheaper); its note gives the most
+expensive step where that differs (GAM all-reduces its Kronecker factors on the steps that
+refresh them, one in ``kfac.stats_every``) and the bytes all-gathered where there are any (such
+a row is not ok).
 """
 
 import json
