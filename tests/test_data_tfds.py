@@ -213,6 +213,8 @@ def test_streaming_subset_over_two_processes(long_files):
   # The cache changes nothing: an uncached reader resumed in epoch 1 gives the cached run's batches.
   uncached = stream(long_files, "train", 1, 2, subset=subset, cache_bytes=0)
   assert sources[1].cached and not uncached.cached
+  # A share larger than the shuffle buffer: an epoch stops before the end, so no cache.
+  assert not stream(long_files, "train", 1, 2, subset=subset, shuffle_buffer=2).cached
   assert_batches_equal(take(sources[1].train_batches(4, seed=1), 8)[4:],
                        take(uncached.train_batches(4, seed=1, start_step=4), 4))
   counts = streaming.class_counts(long_files, "train", subset, 40)

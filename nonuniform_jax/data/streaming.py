@@ -4,16 +4,18 @@ Each process reads its own shard of every split (``tfds.even_splits(split, proce
 what ``tfds.split_for_jax_process`` does; for a training subset, a range holding its share of
 the subset), so a multi-host run reads each example once per epoch.
 
-Training subsets (``num_train_examples``): ``N`` examples of the training split drawn by the
-seed, as for the in-memory datasets (the same indices on every process). Process ``p`` reads
-a contiguous range of the split that holds ``N // process_count`` (or one more) of them, in file
-order, and drops the other records before decoding their images. When the process's share is
-estimated (from the split's bytes per example) to fit in ``cache_bytes`` (4 GiB), its undecoded
-records stay in memory after the first complete pass over the range (ImageNet's records average
-about 115 kB, 156 GiB for 1.43 M images in the TFDS catalogue, so 10 000 examples take about
-1.2 GB over all processes; the train-eval subset keeps a cache of its own); otherwise every
-epoch, and every train-eval pass, reads the process's whole range again. Counting the subset's
-classes costs one label-only pass over the whole training split on every process at start-up.
+Training subsets (``num_train_examples``): ``N`` examples of the training split drawn by the seed,
+as for the in-memory datasets (the same indices on every process). Process ``p`` reads a contiguous
+range of the split that holds ``N // process_count`` (or one more) of them, in file order, and drops
+the other records before decoding their images. When the process's share is estimated (from the
+split's bytes per example) to fit in ``cache_bytes`` (4 GiB) and holds at most ``shuffle_buffer``
+examples (so that the shuffle buffer reads it to the end in the first epoch, which completes
+tf.data's cache; an epoch that stops early would discard it), its undecoded records stay in memory
+after the first complete pass over the range (ImageNet's records average about 115 kB, 156 GiB for
+1.43 M images in the TFDS catalogue, so 10 000 examples take about 1.2 GB over all processes; the
+train-eval subset keeps a cache of its own); otherwise every epoch, and every train-eval pass, reads
+the process's whole range again. Counting the subset's classes costs one label-only pass over the
+whole training split on every process at start-up.
 
 Training, epoch ``e`` of process ``p``: TFDS file order (files shuffled by ``(seed, e, p)`` on
 the full split; unshuffled for a subset) and a shuffle buffer seeded from ``(seed, e, p)`` (a
@@ -171,7 +173,8 @@ class StreamSource:
       self.shard_sizes = np.diff(np.searchsorted(subset, bounds)).tolist()
       self.num_examples = len(subset)
       self._range = bounds[process_index], bounds[process_index + 1]
-      self.cached = _fits(builder, split, self.shard_sizes[process_index], cache_bytes)
+      share = self.shard_sizes[process_index]
+      self.cached = share <= shuffle_buffer and _fits(builder, split, share, cache_bytes)
     self.subset = subset
     self.train_fn, self.eval_fn = train_fn, eval_fn
     self.input_shape = tuple(input_shape)
