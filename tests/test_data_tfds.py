@@ -172,7 +172,7 @@ def stream(builder, split, p, count, **kwargs):
   return streaming.StreamSource(
       builder, split, train_fn=lambda im, s: streaming.inception_crop(im, s, 8, mean, std),
       eval_fn=lambda im: streaming.center_crop(im, 8, mean, std), input_shape=(8, 8, 3),
-      process_index=p, process_count=count, shuffle_buffer=8, **kwargs)
+      process_index=p, process_count=count, **{"shuffle_buffer": 8, **kwargs})
 
 
 def test_streaming_shards_over_two_processes(on_disk):
