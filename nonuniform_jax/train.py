@@ -130,7 +130,9 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
       if not 1 <= b <= usable // 2:
         raise ValueError(f"measures.settings.batch_gradient_noise.batch_size {b!r} needs at least "
                          f"2 disjoint batches of the {usable} measured examples; choose 1 to "
-                         f"{usable // 2}")
+                         f"{usable // 2}" + ("" if config.measures.settings.get(
+                             "batch_gradient_noise", {}).get("batch_size") else
+                             " (unset or 0, it is the training batch_size)"))
   m = config.batch_size if m == 0 else m
   sam_groups = config.batch_size // m if opt.name in SAM_FAMILY else 1
   bn_groups = 1 if config.parallel.bn_sync else num_devices
