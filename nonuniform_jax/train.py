@@ -24,6 +24,7 @@ from nonuniform_jax.models import layers
 from nonuniform_jax.optim import base, kfac
 from nonuniform_jax.optim.csam import METRICS as CSAM_METRICS
 from nonuniform_jax.optim.sam import validate_rho
+from nonuniform_jax.optim.sam_gcm import parameter_count
 
 STUDIES = ("toy_minima", "two_param", "sparse_regression")
 TASKS = ("train",) + STUDIES
@@ -133,6 +134,7 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
                          f"{usable // 2}" + ("" if config.measures.settings.get(
                              "batch_gradient_noise", {}).get("batch_size") else
                              " (unset or 0, it is the training batch_size)"))
+  check_model_fit(config)
   m = config.batch_size if m == 0 else m
   sam_groups = config.batch_size // m if opt.name in SAM_FAMILY else 1
   bn_groups = 1 if config.parallel.bn_sync else num_devices
@@ -254,6 +256,43 @@ def _evaluate(eval_step, state, source, batch_size, sharding) -> dict:
   return out
 
 
+def check_model_fit(config: ml_collections.ConfigDict) -> None:
+  """The refusals only the model can tell (BatchNorm or dropout under per-example gradients,
+  SAM-GCM's size limit), from the dataset's shape (``data.describe``) and the model's abstract
+  initialisation: before any data are read or anything is compiled or written."""
+  extra = set(family_extra_args(config))
+  per_example = sorted(set(measure_names(config)) & set(evaluators.PER_EXAMPLE))
+  needs_examples = bool({"per_example_grads", "per_example_loss_fn"} & extra)
+  if not (needs_examples or per_example):
+    return
+  model_cfg = config.model.to_dict()
+  num_classes, shape = data.describe(config.dataset, config.image_size)
+  model = models.get_model(model_cfg.pop("name"), num_classes, **model_cfg)
+  x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  has_bn = "batch_stats" in variables
+  if needs_examples and has_bn:
+    raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, "
+                     f"which BatchNorm (in model {config.model.name!r}) does not have; "
+                     "choose a model without BatchNorm")
+  dropout = {k: v for k, v in model_cfg.items() if "dropout" in k and v}
+  if needs_examples and dropout:
+    raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, which "
+                     f"dropout ({', '.join(f'model.{k}={v}' for k, v in dropout.items())}) "
+                     "would draw apart from the batch's masks; set it to 0")
+  if "per_example_grads" in extra:   # SAM-GCM: b per-example gradients of the whole model
+    count = parameter_count(variables["params"])
+    if count > config.sam_gcm.max_params:
+      raise ValueError(f"optimizer 'sam_gcm' needs the per-example gradient covariance: model "
+                       f"{config.model.name!r} on {config.dataset!r} has {count} parameters, "
+                       f"more than sam_gcm.max_params={config.sam_gcm.max_params}; use a "
+                       "smaller model or raise sam_gcm.max_params")
+  if has_bn and config.measures.bn_mode == "batch" and per_example:
+    raise ValueError(f"measures {per_example} take per-example gradients or Hessians, which "
+                     f"BatchNorm in 'batch' mode (model {config.model.name!r}) would normalise "
+                     "by each example's own statistics; use measures.bn_mode 'running'")
+
+
 class Run(NamedTuple):
   """Everything a run is built from, derived from its config."""
   datasets: Any
@@ -286,21 +325,6 @@ def build(config, settings: dict) -> Run:
     key = jax.random.key(0)
     kfac_layers = kfac.layer_names(jax.eval_shape(lambda: layers.zero_perturbations(
         model, model.init(key, x), x, train=True, rngs={"dropout": key})))
-  has_bn = "batch_stats" in jax.eval_shape(lambda: model.init(jax.random.key(0), x))
-  if {"per_example_grads", "per_example_loss_fn"} & set(extra) and has_bn:
-    raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, "
-                     f"which BatchNorm (in model {config.model.name!r}) does not have; "
-                     "choose a model without BatchNorm")
-  dropout = {k: v for k, v in model_cfg.items() if "dropout" in k and v}
-  if {"per_example_grads", "per_example_loss_fn"} & set(extra) and dropout:
-    raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, which "
-                     f"dropout ({', '.join(f'model.{k}={v}' for k, v in dropout.items())}) "
-                     "would draw apart from the batch's masks; set it to 0")
-  per_example = sorted(set(measure_names(config)) & set(evaluators.PER_EXAMPLE))
-  if has_bn and config.measures.bn_mode == "batch" and per_example:
-    raise ValueError(f"measures {per_example} take per-example gradients or Hessians, which "
-                     f"BatchNorm in 'batch' mode (model {config.model.name!r}) would normalise "
-                     "by each example's own statistics; use measures.bn_mode 'running'")
   tx, schedule, passes, l2 = build_optimizer(config, num_steps, ds.num_train, kfac_layers)
   mesh = parallel.data_mesh(jax.devices()[:settings["num_devices"]])
 
@@ -337,8 +361,8 @@ def _train(config, workdir: str, settings: dict) -> dict:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
   started = time.time()
-  # Read first (a different config is refused here), build (what only the data and the model
-  # can refuse, e.g. BatchNorm under SAM-GCM, stops here), and only then write to the workdir.
+  # Read first (a different config is refused here), build (what only the data can refuse stops
+  # here; the model's refusals came in check_config), and only then write to the workdir.
   status = wd.prepare(workdir, config.to_dict(), config.overwrite, write=False)
   summary_path = os.path.join(workdir, wd.SUMMARY_FILE)
   if status == "completed":

@@ -35,6 +35,10 @@ def test_offline_datasets_shapes(mnist1d):
   assert batch["labels"].shape == (128,) and batch["labels"].dtype == np.int32
   digits = data.get_datasets("digits", seed=0)
   assert (digits.input_shape, digits.num_train, digits.test.num_examples) == ((8, 8, 1), 1437, 360)
+  for ds in (mnist1d, digits):   # what a model is built from before the data are read
+    assert data.describe(ds.name, 0) == (ds.num_classes, ds.input_shape)
+  with pytest.raises(ValueError, match="image_size=0 must be positive"):
+    data.describe("imagenet2012", 0)
   x = next(digits.test.eval_batches(360))["inputs"]
   assert x.dtype == np.float32 and abs(float(x.mean())) < 0.1      # normalised
   # The train/test split of digits does not depend on the run seed; subsets do.

@@ -40,6 +40,7 @@ def assert_batches_equal(a, b):
 def test_in_memory_tfds(name, shape, classes):
   ds = data.get_datasets(name, seed=0, train_eval_examples=5)
   assert (ds.input_shape, ds.num_classes, ds.num_train) == (shape, classes, NUM_MOCK)
+  assert data.describe(name, 0) == (ds.num_classes, ds.input_shape)   # known before loading
   assert ds.train.inputs.dtype == np.uint8                       # stored raw, normalised per batch
   batches = take(ds.train.train_batches(4, seed=1), 6)
   assert batches[0]["inputs"].shape == (4,) + shape and batches[0]["inputs"].dtype == np.float32
@@ -94,6 +95,7 @@ def test_streaming_under_mock(name):
   # Mock images have random sizes (e.g. 13x9); the crops resize them to image_size.
   ds = data.get_datasets(name, seed=0, image_size=24, train_eval_examples=4)
   assert ds.input_shape == (24, 24, 3) and ds.num_train == NUM_MOCK
+  assert data.describe(name, 24) == (ds.num_classes, ds.input_shape)
   evals = list(ds.test.eval_batches(6))
   assert [b["mask"].sum() for b in evals] == [6, 6, 4]
   assert evals[0]["inputs"].shape == (6, 24, 24, 3) and np.isfinite(evals[0]["inputs"]).all()

@@ -227,16 +227,33 @@ def test_cli_bad_override_and_missing_config(tmp_path):
      "'wu_nonuniformity'] take per-example"),
 ])
 def test_model_dependent_refusals_leave_the_workdir_untouched(overrides, message, tmp_path):
-  """What only the model can tell (it has BatchNorm) is refused before the workdir is written."""
+  """What only the model can tell (it has BatchNorm) is refused before the workdir is written
+  and before the data are read: CIFAR-10 is not prepared in ``data_dir``, and loading it would
+  fail with another message."""
   workdir = tmp_path / "w"
   workdir.mkdir()
   (workdir / "keep.txt").write_text("precious")
-  config = small_config(dataset="digits", **overrides)
+  config = small_config(dataset="cifar10", data_dir=str(tmp_path / "no_data"), **overrides)
   config.model = ml_collections.ConfigDict({"name": "vgg16_bn", "stages": ((8,),)})
   with pytest.raises(ValueError) as info:
     train.train_and_evaluate(config, str(workdir))
   assert message in str(info.value) and "\n" not in str(info.value)
   assert sorted(os.listdir(workdir)) == ["keep.txt"]
+
+
+def test_sam_gcm_refuses_a_large_model_before_reading_data(tmp_path):
+  """SAM-GCM's size limit is checked from the dataset's shape and the abstract model, before
+  the (here unprepared) data are read and before the workdir is written."""
+  config = small_config(dataset="cifar10", data_dir=str(tmp_path / "no_data"),
+                        **{"optimizer.name": "sam_gcm", "sam_gcm.max_params": 50_000})
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  # 3072 inputs -> 32 -> 10: 98,666 parameters.
+  assert str(info.value) == (
+      "optimizer 'sam_gcm' needs the per-example gradient covariance: model 'mlp' on 'cifar10' "
+      "has 98666 parameters, more than sam_gcm.max_params=50000; use a smaller model or raise "
+      "sam_gcm.max_params")
+  assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("name", ["cov", "sam_gcm"])

@@ -7,6 +7,6 @@
 Importing this package and loading the offline datasets does not import TensorFlow.
 """
 
-from nonuniform_jax.data.datasets import (DATASETS, Datasets, check_args, get_datasets,
-                                          write_label_noise)
+from nonuniform_jax.data.datasets import (DATASETS, Datasets, check_args, describe,
+                                          get_datasets, write_label_noise)
 from nonuniform_jax.data.pipeline import ArraySource, prefetch_to_device

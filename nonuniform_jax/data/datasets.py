@@ -20,6 +20,12 @@ TFDS_IN_MEMORY = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 TFDS_STREAMING = ("imagenet2012", "food101")
 DATASETS = OFFLINE + TFDS_IN_MEMORY + TFDS_STREAMING
 AUGMENTED = ("cifar10", "cifar100") + TFDS_STREAMING   # datasets with a standard augmentation
+# What is known of a dataset before it is loaded: name -> (number of classes, one example's shape
+# after preprocessing), None standing for (image_size, image_size, 3). Checked against the
+# loaded datasets by the tests.
+SHAPES = {"mnist1d": (10, (40,)), "digits": (10, (8, 8, 1)), "mnist": (10, (28, 28, 1)),
+          "fashion_mnist": (10, (28, 28, 1)), "cifar10": (10, (32, 32, 3)),
+          "cifar100": (100, (32, 32, 3)), "imagenet2012": (1000, None), "food101": (101, None)}
 
 
 @dataclasses.dataclass
@@ -47,6 +53,16 @@ class Datasets:
 def _choices(value, valid, what):
   if value not in valid:
     raise ValueError(f"unknown {what} {value!r}; choose one of {list(valid)}")
+
+
+def describe(name: str, image_size: int) -> tuple[int, tuple]:
+  """(number of classes, one example's shape after preprocessing) of a dataset, without loading
+  it or importing TensorFlow: what a model can be built from before the data are read."""
+  _choices(name, DATASETS, "dataset")
+  num_classes, shape = SHAPES[name]
+  if shape is None and image_size <= 0:
+    raise ValueError(f"image_size={image_size} must be positive")
+  return num_classes, (image_size, image_size, 3) if shape is None else shape
 
 
 def check_args(name: str, *, batch_size: int, eval_batch_size: int, num_train_examples: int,
