@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # What runs: 'train' (a training run); the small studies have their own tasks and configs.
   c.task = "train"
-  c.seed = 0
+  c.seed = 0                       # initialisation, dropout and, unless data_seed is set, data
+  c.data_seed = -1                 # >= 0: the data alone (subsets, label noise, batch order)
 
   # Data. Offline: 'mnist1d', 'digits'. TFDS: 'mnist', 'fashion_mnist', 'cifar10', 'cifar100',
   # 'imagenet2012', 'food101' (prepared data under data_dir or $TFDS_DATA_DIR).

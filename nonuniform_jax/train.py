@@ -61,6 +61,9 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
                      f"choose 0 (all {jax.device_count()} devices)"
                      + (f" or 1..{jax.device_count()}" if jax.process_count() == 1 else ""))
   _positive("eval_batch_size", config.eval_batch_size)
+  if not (isinstance(config.data_seed, int) and config.data_seed >= -1):
+    raise ValueError(f"data_seed {config.data_seed!r} must be an integer >= 0, or -1 (the run's "
+                     "seed)")
   # Evaluation pads and masks, so its batch is rounded up to a multiple of the devices: the
   # paper configs' 1000 then runs on 16 or 32 devices as on 8 (recorded in the summary).
   eval_batch = -(-config.eval_batch_size // num_devices) * num_devices
@@ -141,6 +144,7 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
   return {"num_devices": num_devices, "num_processes": jax.process_count(),
           "global_batch": config.batch_size, "per_device_batch": per_device,
           "eval_batch": eval_batch,
+          "data_seed": config.seed if config.data_seed < 0 else config.data_seed,
           "sam_m": m if opt.name in SAM_FAMILY else None, "sam_groups": sam_groups,
           "forward_groups": max(sam_groups, bn_groups),
           "bn_statistics": ("per m-sharpness group" if sam_groups > 1 else
@@ -310,7 +314,7 @@ class Run(NamedTuple):
 def build(config, settings: dict) -> Run:
   """Datasets, model, optimizer and the initial train state of a checked config."""
   ds = data.get_datasets(
-      config.dataset, seed=config.seed, data_dir=config.data_dir, augment=config.augment,
+      config.dataset, seed=settings["data_seed"], data_dir=config.data_dir, augment=config.augment,
       image_size=config.image_size, num_train_examples=config.num_train_examples,
       train_eval_examples=config.train_eval_examples, label_noise=config.label_noise.kind,
       label_noise_rate=config.label_noise.rate, process_index=jax.process_index(),
@@ -419,7 +423,8 @@ def _train(config, workdir: str, settings: dict) -> dict:
   measured = {}
 
   batches = data.prefetch_to_device(
-      ds.train.train_batches(config.batch_size, config.seed, start_step), 2, batch_sharding)
+      ds.train.train_batches(config.batch_size, settings["data_seed"], start_step), 2,
+      batch_sharding)
   progress = _progress(config, start_step, num_steps, is_main)
   window, window_start, window_time = [], start_step, time.time()
   final, diverged_step = {}, None

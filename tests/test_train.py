@@ -159,6 +159,7 @@ def test_different_config_refused_unless_overwrite(reference_run, tmp_path):
      "damping must be > 0, got 0.0"),
     ({"optimizer.name": "gam", "kfac.stats_every": 0}, "stats_every must be an integer >= 1"),
     ({"optimizer.name": "sam_gcm", "sam_gcm.xi": -1.0}, "sam_gcm.*: xi must be > 0, got -1.0"),
+    ({"data_seed": -2}, "data_seed -2 must be an integer >= 0, or -1 (the run's seed)"),
 ])
 def test_bad_input_is_one_line_error_before_anything(overrides, message, tmp_path, monkeypatch):
   monkeypatch.setattr(data, "get_datasets", lambda *a, **k: pytest.fail("data was loaded"))
@@ -300,6 +301,39 @@ def test_kill_9_then_rerun_matches_uninterrupted(tmp_path):
   assert json.loads((killed / "summary.json").read_text())["status"] == "completed"
   assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
   jax.tree.map(np.testing.assert_array_equal, final_params(str(killed)), final_params(str(whole)))
+
+
+def test_data_seed_draws_the_data_and_seed_the_weights(tmp_path, monkeypatch):
+  """Runs that differ in ``seed`` alone train on the same subset in the same order; runs that
+  differ in ``data_seed`` alone start from the same weights on other data."""
+  real_prefetch = data.prefetch_to_device
+  seen = []
+
+  def recording_prefetch(iterator, size, sharding):
+    for batch in real_prefetch(iterator, size, sharding):
+      if "mask" not in batch:   # training batches
+        seen[-1].append(np.asarray(batch["labels"]))
+      yield batch
+
+  monkeypatch.setattr(data, "prefetch_to_device", recording_prefetch)
+
+  def run(name, **seeds):
+    config = small_config(num_steps=3, log_every=3, eval_every=3, checkpoint_every=3,
+                          num_train_examples=600, train_eval_examples=64, **seeds)
+    seen.append([])
+    summary = train.train_and_evaluate(config, str(tmp_path / name))
+    init = train.build(config, train.check_config(config)).state.params
+    return np.concatenate(seen[-1][:3]), summary["settings"]["data_seed"], init
+
+  labels, data_seed, init = run("default")                        # data_seed -1: the seed, 0
+  labels_s, data_seed_s, init_s = run("other_seed", seed=1, data_seed=0)
+  labels_d, data_seed_d, init_d = run("other_data", data_seed=7)
+  assert (data_seed, data_seed_s, data_seed_d) == (0, 0, 7)
+  np.testing.assert_array_equal(labels_s, labels)
+  assert not np.array_equal(labels_d, labels)
+  jax.tree.map(np.testing.assert_array_equal, init_d, init)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init_s),
+                                                      jax.tree.leaves(init)))
 
 
 @pytest.mark.parametrize("name", ["gam", "sam_gcm", "cov"])
