@@ -39,7 +39,7 @@ def measure(workdir: str, names, *, nonuniformity=False, num_examples=None, batc
   config_path = os.path.join(workdir, wd.CONFIG_FILE)
   if not os.path.exists(config_path):
     raise ValueError(f"no run in workdir {workdir!r}: {config_path} does not exist")
-  config = ml_collections.ConfigDict(wd.read_json(config_path))
+  config = ml_collections.ConfigDict(wd.with_added_defaults(wd.read_json(config_path)))
   config.measures.names = tuple(names or ())
   config.measure_nonuniformity = nonuniformity
   for key, value in (("num_examples", num_examples), ("batch_size", batch_size),

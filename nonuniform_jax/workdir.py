@@ -57,8 +57,27 @@ def flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+# Settings added after runs were made, with the value that keeps such a run's meaning: a
+# config.json without one reads as holding this value, so those runs still resume and measure.
+ADDED_DEFAULTS = {"data_seed": -1}
+
+
+def with_added_defaults(config: dict) -> dict:
+  """``config`` (as read from config.json) with the ``ADDED_DEFAULTS`` it lacks."""
+  out = json.loads(json.dumps(config))
+  flat = flatten(out)
+  for key, value in ADDED_DEFAULTS.items():
+    if key not in flat:
+      *path, last = key.split(".")
+      node = out
+      for part in path:
+        node = node.setdefault(part, {})
+      node[last] = value
+  return out
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
-  a, b = flatten(old), flatten(new)
+  a, b = flatten(with_added_defaults(old)), flatten(with_added_defaults(new))
   keys = {k for k in set(a) | set(b) if k not in PRESENTATION_KEYS}
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(keys) if a.get(k) != b.get(k)]
 

@@ -54,6 +54,10 @@ def test_measures_on_schedule_with_settings(measured_run):
 
 def test_measure_command_on_a_finished_run(measured_run):
   workdir, summary = measured_run
+  # As a run made before data_seed existed wrote it: the command reads the key as -1.
+  config = json.loads((workdir / "config.json").read_text())
+  config.pop("data_seed")
+  (workdir / "config.json").write_text(json.dumps(config))
   results = measure.measure(str(workdir), ["hessian_trace"], num_examples=48,
                             overrides=["hessian_trace.num_probes=7"])
   assert results["hessian_trace"]["num_probes"] == 7

@@ -305,30 +305,30 @@ def test_kill_9_then_rerun_matches_uninterrupted(tmp_path):
 
 def test_data_seed_draws_the_data_and_seed_the_weights(tmp_path, monkeypatch):
   """Runs that differ in ``seed`` alone train on the same subset in the same order; runs that
-  differ in ``data_seed`` alone start from the same weights on other data."""
-  real_prefetch = data.prefetch_to_device
-  seen = []
+  differ in ``data_seed`` alone start from the same weights on other data. Each run stops when
+  the trainer opens its stream of training batches, after three of them are read."""
 
-  def recording_prefetch(iterator, size, sharding):
-    for batch in real_prefetch(iterator, size, sharding):
-      if "mask" not in batch:   # training batches
-        seen[-1].append(np.asarray(batch["labels"]))
-      yield batch
+  class Seen(Exception):
+    pass
+
+  def recording_prefetch(iterator, size, sharding):   # the trainer's first call: training
+    del size, sharding
+    raise Seen(np.concatenate([next(iterator)["labels"] for _ in range(3)]))
 
   monkeypatch.setattr(data, "prefetch_to_device", recording_prefetch)
 
   def run(name, **seeds):
-    config = small_config(num_steps=3, log_every=3, eval_every=3, checkpoint_every=3,
-                          num_train_examples=600, train_eval_examples=64, **seeds)
-    seen.append([])
-    summary = train.train_and_evaluate(config, str(tmp_path / name))
-    init = train.build(config, train.check_config(config)).state.params
-    return np.concatenate(seen[-1][:3]), summary["settings"]["data_seed"], init
+    config = small_config(num_train_examples=600, train_eval_examples=64, **seeds)
+    settings = train.check_config(config)
+    with pytest.raises(Seen) as seen:
+      train.train_and_evaluate(config, str(tmp_path / name))
+    return seen.value.args[0], settings["data_seed"], train.build(config, settings).state.params
 
   labels, data_seed, init = run("default")                        # data_seed -1: the seed, 0
   labels_s, data_seed_s, init_s = run("other_seed", seed=1, data_seed=0)
   labels_d, data_seed_d, init_d = run("other_data", data_seed=7)
   assert (data_seed, data_seed_s, data_seed_d) == (0, 0, 7)
+  assert labels.shape == (3 * 128,)
   np.testing.assert_array_equal(labels_s, labels)
   assert not np.array_equal(labels_d, labels)
   jax.tree.map(np.testing.assert_array_equal, init_d, init)

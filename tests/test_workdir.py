@@ -60,6 +60,16 @@ def test_prepare_without_write_raises_on_a_different_config(tmp_path):
   assert _files(tmp_path) == before
 
 
+def test_a_run_from_before_a_setting_existed_resumes_under_its_default(tmp_path):
+  """A config.json without data_seed (written before it existed) is the same config as one with
+  data_seed -1, which keeps its meaning; another value is a different config."""
+  _old_run(tmp_path, CONFIG, "diverged")
+  assert wd.prepare(str(tmp_path), {**CONFIG, "data_seed": -1}, overwrite=False,
+                    write=False) == "resume"
+  with pytest.raises(ValueError, match="data_seed: -1 -> 3"):
+    wd.prepare(str(tmp_path), {**CONFIG, "data_seed": 3}, overwrite=False, write=False)
+
+
 @pytest.mark.parametrize("process_index", [0, 1])
 def test_prepare_once_only_process_0_writes(process_index, tmp_path, monkeypatch):
   barriers = []
