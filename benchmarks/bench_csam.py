@@ -111,8 +111,8 @@ def run(quick: bool) -> list[dict]:
       if metric == "kfac":
         rows.append(_precondition_row(row, case, state_for(tx), batch, jitted, perts, sgd,
                                       repeats))
-        floor = (f"; floor: identity {ratios['identity']:.2f} + preconditioning alone "
-                 f"{rows[-1]['value']:.2f} = {ratios['identity'] + rows[-1]['value']:.2f}")
+        floor = (f"; floor: identity {ratios['identity']:.3g} + preconditioning alone "
+                 f"{rows[-1]['value']:.3g} = {ratios['identity'] + rows[-1]['value']:.3g}")
       rows.insert(len(rows) - (metric == "kfac"),
                   {**row, "case": f"{case}, {metric}", "goal": f"<= {goal}", "value": ratio,
                    "ok": ratio <= goal,

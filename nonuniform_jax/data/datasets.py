@@ -98,8 +98,9 @@ def get_datasets(name: str, *, seed: int, batch_size: int | None = None, data_di
   """Loads dataset ``name`` (one of ``DATASETS``) for this process.
 
   Args:
-    seed: the run seed; fixes the training subset, the label noise, the train_eval subset, and
-      (through ``train_batches``) the order and augmentation of the training batches.
+    seed: the data seed (the trainer's ``data_seed``, else its ``seed``); fixes the training
+      subset, the label noise, the train_eval subset, and (through ``train_batches``) the order
+      and augmentation of the training batches.
     batch_size: the global training batch, if given checked against the training-set size.
     data_dir: TFDS data directory ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets).
     augment: the dataset's standard training augmentation (CIFAR crop + flip, ImageNet and
