@@ -17,8 +17,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Each distinct program is compiled once per session: tests that build the same train, eval or
 # measure step again (an interrupted run and its resumption, one config run twice) load it from
-# this session's XLA cache (the whole suite: 588 to 514 s on a 2-core CPU; the K-FAC resumption
-# tests: 15 to 8 s each).
+# this session's XLA cache (the whole suite under .ci/run on a 2-core CPU: 588 s before, 549 s
+# after; the K-FAC resumption tests: 15 to 8 s each).
 # jit's own caches (``_cache_size``, which the no-recompilation tests count) are unaffected, and
 # subprocesses (the command-line and 8-device tests) compile for themselves.
 _XLA_CACHE = tempfile.mkdtemp(prefix="nonuniform_jax_tests_xla_")
