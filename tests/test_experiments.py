@@ -1,8 +1,10 @@
 """The small studies (experiments.md §1–3): toy losses and gradients against hand-derived
 formulas, the qualitative outcomes on reduced settings, and one end-to-end run per study."""
 
+import itertools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -133,9 +135,33 @@ def test_shuffled_batches_are_epochs_without_replacement():
 # ---------------------------------------------------------------- qualitative outcomes, end to end
 
 
+def _table_cells(line: str) -> list[str]:
+  """The cells of a markdown table row, split at the '|' that are not escaped as '\\|'."""
+  return re.split(r"(?<!\\)\|", line.strip())[1:-1]
+
+
+def _assert_tables_well_formed(text: str):
+  """Every row of every markdown table in ``text`` has as many cells as its header."""
+  tables = [list(rows) for is_table, rows in itertools.groupby(
+      text.splitlines(), lambda line: line.startswith("|")) if is_table]
+  assert tables
+  for table in tables:
+    width = len(_table_cells(table[0]))
+    for row in table[1:]:
+      assert len(_table_cells(row)) == width, (table[0], row)
+
+
+def test_markdown_table_escapes_bars_in_cells():
+  table = common.markdown_table(["min|θi|/max|θi|", "b"], [["|x−1| ≥ 0.1", 2], [3, "c"]])
+  _assert_tables_well_formed(table)
+  assert _table_cells(table.splitlines()[0]) == [" min\\|θi\\|/max\\|θi\\| ", " b "]
+
+
 def _assert_outputs(workdir, summary, figures, lines):
   for name in ("config.json", "summary.json", "metrics.jsonl", "results.md") + figures:
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "results.md")) as f:
+    _assert_tables_well_formed(f.read())
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f) == summary
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

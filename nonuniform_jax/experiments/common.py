@@ -55,9 +55,11 @@ def mean_std(s: dict, fmt: str = ".4g") -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines) + "\n"
+  """A markdown table; a '|' inside a cell (|x − 1|, min|θi|) is escaped so that it does not
+  split the cell."""
+  def line(cells):
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+  return "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]) + "\n"
 
 
 def check_choices(kind: str, values: Sequence[str], choices: Sequence[str]) -> None:
