@@ -14,7 +14,7 @@ All three are ``steps.make_train_step`` steps (K-FAC: ``extra_args=('kfac_factor
 jitted with their state donated, as the trainer jits them.
 
 A third row per model times ``kfac.precondition`` alone (the exact damped inverse applied to a
-gradient-sized pytree, algorithms.md §6: four matrix products per layer, 4·K̄·F·(K̄ + F) flops),
+gradient-sized pytree, docs/methods.md: four matrix products per layer, 4·K̄·F·(K̄ + F) flops),
 the per-step work the ``kfac`` metric adds to ``identity``, as a ratio to the SGD step, with its
 flops as a ratio to the gradient's (6·B·T·K̄·F per layer, less the first layer's input
 gradient). The ``kfac`` ratio cannot be below the ``identity`` ratio plus this one.

@@ -1,5 +1,5 @@
 """CIFAR-10 (or CIFAR-100) with noisy training labels, ResNet-32: the label-noise runs of
-experiments.md §4.
+docs/experiments.md, Label noise.
 
     python -m nonuniform_jax.main --config configs/cifar10_label_noise.py:symmetric,0.4 --workdir /tmp/nu/c10_sym04
     python -m nonuniform_jax.main --config configs/cifar10_label_noise.py:asymmetric,0.4 --workdir /tmp/nu/c10_asym04

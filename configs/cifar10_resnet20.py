@@ -24,7 +24,8 @@ import ml_collections
 default = runpy.run_path(str(pathlib.Path(__file__).resolve().with_name("default.py")))
 
 def cifar(c: ml_collections.ConfigDict, dataset: str, model: dict) -> ml_collections.ConfigDict:
-  """The paper's CIFAR training setting (experiments.md §4) for ``dataset`` and ``model``."""
+  """The paper's CIFAR training setting (docs/experiments.md, Deep networks) for ``dataset``
+  and ``model``."""
   c.dataset = dataset
   c.augment = True
   c.train_eval_examples = 10_000

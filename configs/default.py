@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
       "bn_policy": "clean",             # clean (running stats from the clean pass) | every_pass
       "weight_decay_in_perturbation": False,
   })
-  # CSAM / NonuniformSAM (optimizer.name 'csam' or 'nonuniform_sam'): algorithms.md §3.
+  # CSAM / NonuniformSAM (optimizer.name 'csam' or 'nonuniform_sam'): docs/methods.md, CSAM.
   c.csam = ml_collections.ConfigDict({
       "rho1": 0.1,
       "rho2": 0.2,

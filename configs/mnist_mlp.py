@@ -3,8 +3,8 @@
     python -m nonuniform_jax.main --config configs/mnist_mlp.py --workdir /tmp/nu/mnist_mlp
     python -m nonuniform_jax.main --config configs/mnist_mlp.py:laptop --workdir /tmp/nu/mnist_mlp_laptop
 
-Learning rate 0.1, batch 128, no label smoothing (experiments.md §4). The paper gives nothing
-else, so: plain SGD (momentum 0), a constant rate, no weight decay, 20 epochs. The
+Learning rate 0.1, batch 128, no label smoothing (docs/experiments.md, Deep networks). The paper
+gives nothing else, so: plain SGD (momentum 0), a constant rate, no weight decay, 20 epochs. The
 ReLU-everywhere MLP of the same widths: ``--config.model.name=mlp``. Needs prepared data:
 ``tfds build mnist``.
 

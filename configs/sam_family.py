@@ -1,4 +1,4 @@
-"""The authors' CSAM-against-SAM/ASAM settings (experiments.md §4, algorithms.md §3) on the paper's
+"""The authors' CSAM-against-SAM/ASAM settings (docs/methods.md, CSAM) on the paper's
 MNIST and CIFAR setups: one file, the setup and the method chosen by the config string.
 
     python -m nonuniform_jax.main --config configs/sam_family.py:cifar10_resnet20,csam --workdir /tmp/nu/c10_r20_csam
@@ -21,7 +21,7 @@ Every method keeps the authors' base setting (SGD momentum 0.9, cosine learning 
 128, weight decay from step 0; on CIFAR 300 epochs, where the plain CIFAR configs use the common
 200), set here over the setup's own config (``mnist_mlp.py`` alone is plain SGD at a constant
 rate), and the BatchNorm policy 'clean'. Our defaults differ from the
-authors' code where algorithms.md says so: d = δ − m for every metric (theirs: δ + m in the K-FAC
+authors' code as docs/methods.md lists: d = δ − m for every metric (theirs: δ + m in the K-FAC
 class; ``--config.csam.momentum_sign=1`` reproduces it), running statistics from the clean pass
 only (``--config.sam.bn_policy=every_pass`` reproduces theirs), weight decay never switched off.
 ``laptop`` is each dataset config's laptop variant (a few hundred steps).
@@ -50,7 +50,7 @@ def get_config(variant: str = "mnist1d,csam") -> ml_collections.ConfigDict:
   module = runpy.run_path(str(HERE / SETUPS[setup]))
   c = module["get_config"]("laptop") if laptop and setup != "mnist1d" else \
       module["get_config"]()
-  # The authors' base for every method (algorithms.md §3), whatever the setup's own config says
+  # The authors' base for every method (docs/methods.md, CSAM), whatever the setup's own config says
   # (the MNIST MLP config alone is plain SGD at a constant rate), and their 300 CIFAR epochs.
   c.optimizer.momentum, c.schedule.name, c.optimizer.learning_rate = 0.9, "cosine", 0.1
   if c.dataset in ("cifar10", "cifar100") and c.num_steps == 0:

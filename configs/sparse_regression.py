@@ -1,4 +1,4 @@
-"""High-dimensional sparse regression with a diagonal linear network (experiments.md §3, Figure 4).
+"""High-dimensional sparse regression with a diagonal linear network (docs/experiments.md §3).
 
     python -m nonuniform_jax.main --config configs/sparse_regression.py --workdir /tmp/nu/sparse_regression
 

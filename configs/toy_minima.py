@@ -1,4 +1,4 @@
-"""Equal sharpness, different nonuniformity: the one-dimensional toy (experiments.md §1).
+"""Equal sharpness, different nonuniformity: the one-dimensional toy (docs/experiments.md §1).
 
     python -m nonuniform_jax.main --config configs/toy_minima.py --workdir /tmp/nu/toy_minima
 

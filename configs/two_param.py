@@ -1,4 +1,4 @@
-"""An explicit gradient-noise penalty on a two-parameter model (experiments.md §2).
+"""An explicit gradient-noise penalty on a two-parameter model (docs/experiments.md §2).
 
     python -m nonuniform_jax.main --config configs/two_param.py --workdir /tmp/nu/two_param
 

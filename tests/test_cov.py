@@ -47,7 +47,7 @@ def mlp_problem(batch=10):
 
 
 def two_parameter_problem(batch=100):
-  """experiments.md §2: y = θ1θ2x + e, x ~ 2N(0,1), θ1θ2 = −0.01, ℓ = ½(θ1θ2x − y)²."""
+  """docs/experiments.md §2: y = θ1θ2x + e, x ~ 2N(0,1), θ1θ2 = −0.01, ℓ = ½(θ1θ2x − y)²."""
   rng = np.random.default_rng(0)
   x = 2 * rng.normal(size=batch)
   data = {"x": jnp.asarray(x, jnp.float32),

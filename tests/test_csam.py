@@ -63,7 +63,7 @@ def run_csam(problem, metric, sign=-1, unfactored="zero"):
 
 @functools.lru_cache(maxsize=None)
 def reference_csam(problem, metric, sign=-1, unfactored="zero"):
-  """The same STEPS by hand (algorithms.md §3), float64."""
+  """The same STEPS by hand (docs/methods.md, CSAM), float64."""
   flat, unravel = ravel_pytree(problem.params)
   flat = np.asarray(flat, np.float64)
   grad = lambda v: np.asarray(ravel_pytree(problem.grad(unravel(jnp.asarray(v, jnp.float32))))[0],

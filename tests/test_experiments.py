@@ -1,4 +1,4 @@
-"""The small studies (experiments.md §1–3): toy losses and gradients against hand-derived
+"""The small studies (docs/experiments.md §1–3): toy losses and gradients against hand-derived
 formulas, the qualitative outcomes on reduced settings, and one end-to-end run per study."""
 
 import itertools

@@ -364,7 +364,7 @@ def test_wu_nonuniformity_against_dense_per_example_hessians(mlp):
 
 
 def test_wu_nonuniformity_one_dimensional_toy():
-  """experiments.md §1: f = ½(f1 + f2); sharpness 2 at both minima, s = 0 at 0 and 1.8 at 1."""
+  """docs/experiments.md §1: f = ½(f1 + f2); sharpness 2 at both minima, s = 0 at 0 and 1.8 at 1."""
   def per_example(x, batch):
     f1 = jnp.minimum(x ** 2, 0.1 * (x - 1) ** 2)
     f2 = jnp.minimum(x ** 2, 1.9 * (x - 1) ** 2)

@@ -1,4 +1,4 @@
-"""Label noise on the training set (the paper's §4 label-noise runs): symmetric and asymmetric.
+"""Label noise on the training set (docs/experiments.md, Label noise): symmetric and asymmetric.
 
 * ``symmetric(rate)``: exactly ``round(rate · N)`` training examples, chosen by the seed, get a
   label drawn uniformly from all ``K`` classes. The draw MAY equal the true label (the

@@ -1,4 +1,4 @@
-"""High-dimensional sparse regression with a diagonal linear network (experiments.md §3).
+"""High-dimensional sparse regression with a diagonal linear network (docs/experiments.md §3).
 
 "Beyond Sharpness: The Role of Nonuniformity in Generalization" (AAAI 2025), Figure 4.
 Data (one draw per seed): X ~ N(0, I_d) with n training and n_test test rows;

@@ -1,4 +1,4 @@
-"""Equal sharpness, different nonuniformity: two minima of a 1-D loss (experiments.md §1).
+"""Equal sharpness, different nonuniformity: two minima of a 1-D loss (docs/experiments.md §1).
 
 "Beyond Sharpness: The Role of Nonuniformity in Generalization" (AAAI 2025), the first figure.
 Two examples with losses f_i(x) = min(x², c_i (x − 1)²), c = (0.1, 1.9), and f = ½(f_1 + f_2).

@@ -1,4 +1,4 @@
-"""An explicit gradient-noise penalty on a two-parameter model (experiments.md §2).
+"""An explicit gradient-noise penalty on a two-parameter model (docs/experiments.md §2).
 
 "Beyond Sharpness: The Role of Nonuniformity in Generalization" (AAAI 2025), the second figure.
 Data: x_i = 2·N(0, 1), y_i = θ*_1 θ*_2 x_i + e_i, e_i ~ N(0, 1), i = 1..n; model θ1 θ2 x with

@@ -15,7 +15,8 @@ g_i = ∇ℓ_i(θ), ḡ = mean_i g_i, H_i = ∇²ℓ_i(θ) and H = mean_i H_i:
   with the sharpness a = λ_max(H) (``measures.lambda_max``) enters their linear-stability
   condition (1 − ηa)² + η²(n − b)/(b(n − 1))·s² ≤ 1.
 * ``kfac_structure``: per layer the Kronecker-factored tr A·tr G, its centred version and
-  effective rank, beside the exact per-layer tr Σ (``optim.kfac``, algorithms.md §6).
+  effective rank, beside the exact per-layer tr Σ (``optim.kfac``; docs/methods.md, Kronecker
+  factors).
 
 Conventions (as every measure): ``loss_fn(params, batch) -> mean loss`` and ``batches`` a
 sequence of batches (pytrees whose leaves have a leading example axis); the measure is over their

@@ -1,9 +1,9 @@
 """COV: SGD on the loss plus an explicit penalty on the trace of the gradient noise.
 
 The two-parameter study of "Beyond Sharpness: The Role of Nonuniformity in Generalization"
-(AAAI 2025; algorithms.md §5, experiments.md §2). With per-example losses ℓ_i, gradients g_i and
-Hessians H_i on a minibatch B of b examples drawn without replacement from n, g_B = (1/b) Σ g_i,
-H_B = (1/b) Σ H_i::
+(AAAI 2025; docs/methods.md, COV; docs/experiments.md §2). With per-example losses ℓ_i,
+gradients g_i and Hessians H_i on a minibatch B of b examples drawn without replacement from n,
+g_B = (1/b) Σ g_i, H_B = (1/b) Σ H_i::
 
     tr Σ_B = (1/b) Σ_i ‖g_i‖² − ‖g_B‖²
     ∇[(aλ/2) tr Σ_B] = aλ · ((1/b) Σ_i H_i g_i − H_B g_B) = aλ · (1/b) Σ_i H_i (g_i − g_B)
@@ -91,7 +91,8 @@ class COVState(NamedTuple):
 
 
 def cov(lam: float, n: int) -> optax.GradientTransformationExtraArgs:
-  """COV (algorithms.md §5) as an Optax transformation: adds ∇[(aλ/2) tr Σ_B] to the gradient.
+  """COV as an Optax transformation (docs/methods.md, COV): adds ∇[(aλ/2) tr Σ_B] to the
+  gradient.
 
   Call as ``tx.update(grads, state, params, per_example_loss_fn=f, batch=batch)`` with ``grads``
   the minibatch gradient g_B at ``params``, ``f(params, batch) -> [b]`` the per-example losses

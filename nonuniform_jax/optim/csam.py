@@ -1,6 +1,6 @@
 """CSAM ("consistent SAM", the paper's ``NonuniformSAM``) as an Optax transformation.
 
-"Beyond Sharpness: The Role of Nonuniformity in Generalization" (AAAI 2025), algorithms.md §3.
+"Beyond Sharpness: The Role of Nonuniformity in Generalization" (AAAI 2025); docs/methods.md, CSAM.
 Three gradient evaluations on the same minibatch B::
 
     g1 = ∇L_B(θ)                                   (supplied by the caller as ``grads``)

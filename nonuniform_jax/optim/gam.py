@@ -1,7 +1,7 @@
 """GAM: one SAM-like ascent along the Kronecker-factored natural gradient.
 
 From the public code of "Beyond Sharpness: The Role of Nonuniformity in Generalization"
-(AAAI 2025; ``utils/gam_utils.py``, no reported runs), algorithms.md §4. With g1 = ∇L_B(θ),
+(AAAI 2025; no reported runs); docs/methods.md, GAM. With g1 = ∇L_B(θ),
 F the Kronecker-factored second moment of per-example gradients (``nonuniform_jax.optim.kfac``)
 and damping λ::
 

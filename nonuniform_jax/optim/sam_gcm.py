@@ -1,8 +1,9 @@
 """SAM-GCM: SAM whose ascent is shaped by the exact gradient covariance of the minibatch.
 
 The optimizer of the paper's sparse-regression experiment ("Beyond Sharpness: The Role of
-Nonuniformity in Generalization", AAAI 2025; algorithms.md §5). With per-example gradients g_i
-of the minibatch B (b examples), ḡ = (1/b) Σ_i g_i and the centred gradients z_i = g_i − ḡ::
+Nonuniformity in Generalization", AAAI 2025; docs/methods.md, SAM-GCM). With per-example
+gradients g_i of the minibatch B (b examples), ḡ = (1/b) Σ_i g_i and the centred gradients
+z_i = g_i − ḡ::
 
     C  = (1/b) Σ_i g_i g_iᵀ − ḡ ḡᵀ + ξ I  =  (1/b) ZᵀZ + ξ I          Z = [z_1; …; z_b] ∈ R^{b×d}
     ε  = ρ · C⁻¹g / sqrt(gᵀ C⁻¹ g + eps)
@@ -87,7 +88,7 @@ class SAMGCMState(NamedTuple):
 
 def sam_gcm(rho: float, xi: float, *, max_params: int = 1_000_000,
             eps: float = 1e-12) -> optax.GradientTransformationExtraArgs:
-  """SAM-GCM (algorithms.md §5) as an Optax transformation.
+  """SAM-GCM (docs/methods.md, SAM-GCM) as an Optax transformation.
 
   Call as ``tx.update(grads, state, params, grad_fn=grad_fn, per_example_grads=pe)`` where
   ``grads`` is the clean mean gradient of the minibatch at ``params``, ``grad_fn(p)`` the
