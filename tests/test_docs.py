@@ -2,6 +2,7 @@
 notes that live outside it, and every relative link of the README and of docs/ resolves, to an
 existing file and, where it names one, to an existing heading."""
 
+import itertools
 import os
 import pathlib
 import re
@@ -90,6 +91,25 @@ def test_relative_links_resolve(path):
   assert not bad, "broken links:\n" + "\n".join(bad)
 
 
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(ROOT)))
+def test_tables_keep_their_columns(path):
+  """Every row of every table has as many cells as its header: a '|' inside a cell, even inside
+  a code span, must be escaped as '\\|' or it splits the cell."""
+  text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+  bad = []
+  for is_table, rows in itertools.groupby(text.splitlines(), lambda line: line.startswith("|")):
+    if is_table:
+      rows = list(rows)
+      width = len(_cells(rows[0]))
+      bad += [row for row in rows[1:] if len(_cells(row)) != width]
+  assert not bad, f"{path.relative_to(ROOT)}: rows wider or narrower than their header:\n" + \
+      "\n".join(bad)
+
+
+def _cells(row: str) -> list:
+  return re.split(r"(?<!\\)\|", row.strip())[1:-1]
+
+
 def test_the_checks_can_fail():
   """The patterns catch what they are meant to, and let the good forms through."""
   outside = [f"see {name}.md §3" for name in OUTSIDE_NAMES] + [".." + "/shared/x"]
@@ -102,3 +122,4 @@ def test_the_checks_can_fail():
   assert _slug("3. Sparse regression with a diagonal network (`configs/x.py`)") == \
       "3-sparse-regression-with-a-diagonal-network-configsxpy"
   assert _slug("The paper's small studies (measured)") == "the-papers-small-studies-measured"
+  assert _cells("| a\\|b | `c|d` |") == [" a\\|b ", " `c", "d` "]
