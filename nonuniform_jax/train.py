@@ -5,7 +5,7 @@ studies in ``nonuniform_jax.experiments``. Every check of the config happens her
 data is loaded or anything is compiled.
 """
 
-import functools
+import contextlib
 import importlib
 import logging
 import math
@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from nonuniform_jax import data, evaluators, models, optim, parallel, steps, workdir as wd
+from nonuniform_jax import (checkpoints, checks, data, evaluators, models, optim, parallel,
+                            recorder, steps, workdir as wd)
 from nonuniform_jax.models import layers
 from nonuniform_jax.optim import base, kfac
 from nonuniform_jax.optim.csam import METRICS as CSAM_METRICS
@@ -39,28 +40,34 @@ _FAMILY_SETTINGS = {"sam": "sam.*", "asam": "sam.*", "csam": "csam.*, sam.eta, k
                     "sam_gcm": "sam_gcm.*", "cov": "cov.*"}
 
 
-def _choice(kind: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f"unknown {kind} {value!r}; choose one of {list(choices)}")
+# Settings that may be infinite: an ℓ∞ ball's p.
+INFINITE_ALLOWED = ("measures.settings.worst_case_sharpness.p",)
 
 
-def _positive(name: str, value) -> None:
-  if not (isinstance(value, (int, float)) and value > 0):
-    raise ValueError(f"{name} must be > 0, got {value!r}")
+def _setting(config, dotted: str):
+  """``config.a.b`` for ``'a.b'``."""
+  for part in dotted.split("."):
+    config = config[part]
+  return config
 
 
 def check_config(config: ml_collections.ConfigDict) -> dict:
   """Validates every setting of a training run; returns the settings derived from them
   (devices, per-device batch, m-sharpness groups). Raises ValueError with one line naming the
   bad value and the valid choices."""
-  _choice("task", config.task, TASKS)
+  checks.choice("task", config.task, TASKS)
+  checks.finite_numbers(config.to_dict(), INFINITE_ALLOWED)
+  for name in ("seed", "num_steps", "num_train_examples", "train_eval_examples",
+               "parallel.num_devices", "measures.every_steps", "schedule.warmup_steps"):
+    checks.integer(name, _setting(config, name))
+  checks.non_negative("num_epochs", config.num_epochs)
   num_devices = config.parallel.num_devices or jax.device_count()
   if not 0 < num_devices <= jax.device_count() or (
       jax.process_count() > 1 and num_devices != jax.device_count()):
     raise ValueError(f"parallel.num_devices {config.parallel.num_devices!r} is not available: "
                      f"choose 0 (all {jax.device_count()} devices)"
                      + (f" or 1..{jax.device_count()}" if jax.process_count() == 1 else ""))
-  _positive("eval_batch_size", config.eval_batch_size)
+  checks.integer("eval_batch_size", config.eval_batch_size, 1)
   if not (isinstance(config.data_seed, int) and config.data_seed >= -1):
     raise ValueError(f"data_seed {config.data_seed!r} must be an integer >= 0, or -1 (the run's "
                      "seed)")
@@ -75,18 +82,29 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
   model_cfg = config.model.to_dict()
   models.check_model(model_cfg.pop("name"), **model_cfg)
   opt = config.optimizer
-  _choice("optimizer", opt.name, OPTIMIZERS)
+  checks.choice("optimizer", opt.name, OPTIMIZERS)
   if opt.name in SAM_FAMILY:
-    _choice("base optimizer", opt.base, base.BASE_OPTIMIZERS)
-  _choice("schedule", config.schedule.name, base.SCHEDULES)
-  _choice("weight_decay_mode", opt.weight_decay_mode, base.WEIGHT_DECAY_MODES)
-  _positive("optimizer.learning_rate", opt.learning_rate)
-  _positive("batch_size", config.batch_size)
+    checks.choice("base optimizer", opt.base, base.BASE_OPTIMIZERS)
+  checks.choice("schedule", config.schedule.name, base.SCHEDULES)
+  checks.choice("weight_decay_mode", opt.weight_decay_mode, base.WEIGHT_DECAY_MODES)
+  checks.positive("optimizer.learning_rate", opt.learning_rate)
+  checks.in_range("optimizer.momentum", opt.momentum, 0.0, 1.0, high_open=True)
+  checks.in_range("optimizer.b1", opt.b1, 0.0, 1.0, high_open=True)
+  checks.in_range("optimizer.b2", opt.b2, 0.0, 1.0, high_open=True)
+  checks.positive("optimizer.eps", opt.eps)
+  checks.non_negative("optimizer.weight_decay", opt.weight_decay)
+  checks.non_negative("optimizer.grad_clip_norm", opt.grad_clip_norm)
+  checks.positive("schedule.step_factor", config.schedule.step_factor)
+  checks.non_negative("schedule.end_factor", config.schedule.end_factor)
+  for fraction in config.schedule.step_boundaries:
+    checks.in_range("schedule.step_boundaries", fraction, 0.0, 1.0)
+  checks.in_range("label_smoothing", config.label_smoothing, 0.0, 1.0, high_open=True)
+  checks.integer("batch_size", config.batch_size, 1)
   if config.num_steps <= 0 and config.num_epochs <= 0:
     raise ValueError(f"num_steps ({config.num_steps!r}) or num_epochs "
                      f"({config.num_epochs!r}) must be > 0")
   for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
-    _positive(name, config[name])
+    checks.integer(name, config[name], 1)
   if config.checkpoint_every % config.log_every:
     raise ValueError(f"checkpoint_every ({config.checkpoint_every}) must be a multiple of "
                      f"log_every ({config.log_every}) so a resumed run logs what an "
@@ -98,9 +116,9 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
   m = config.sam.m
   if opt.name in SAM_FAMILY:
     validate_rho("sam.rho", config.sam.rho)
-    _choice("sam.bn_policy", config.sam.bn_policy, steps.BN_POLICIES)
+    checks.choice("sam.bn_policy", config.sam.bn_policy, steps.BN_POLICIES)
     if opt.name in ("csam", "nonuniform_sam"):
-      _choice("csam.metric", config.csam.metric, CSAM_METRICS)
+      checks.choice("csam.metric", config.csam.metric, CSAM_METRICS)
     extra = family_extra_args(config)
     if extra and (m or not config.parallel.bn_sync):
       raise ValueError(f"optimizer {opt.name!r} with {extra[0]} needs the whole batch in one "
@@ -125,8 +143,8 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
   names = measure_names(config)
   evaluators.check(names, measure_settings(config, names), config.measures.bn_mode)
   if names:
-    _positive("measures.num_examples", config.measures.num_examples)
-    _positive("measures.batch_size", config.measures.batch_size)
+    checks.positive("measures.num_examples", config.measures.num_examples)
+    checks.positive("measures.batch_size", config.measures.batch_size)
     if "batch_gradient_noise" in names:
       b = measure_settings(config, names)["batch_gradient_noise"]["batch_size"]
       usable = min(config.measures.num_examples,
@@ -137,7 +155,7 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
                          f"{usable // 2}" + ("" if config.measures.settings.get(
                              "batch_gradient_noise", {}).get("batch_size") else
                              " (unset or 0, it is the training batch_size)"))
-  check_model_fit(config)
+  num_params = check_model_fit(config)
   m = config.batch_size if m == 0 else m
   sam_groups = config.batch_size // m if opt.name in SAM_FAMILY else 1
   bn_groups = 1 if config.parallel.bn_sync else num_devices
@@ -149,7 +167,7 @@ def check_config(config: ml_collections.ConfigDict) -> dict:
           "forward_groups": max(sam_groups, bn_groups),
           "bn_statistics": ("per m-sharpness group" if sam_groups > 1 else
                             "per device" if bn_groups > 1 else "global batch"),
-          "fully_sharded": bool(config.parallel.fully_sharded)}
+          "fully_sharded": bool(config.parallel.fully_sharded), "num_params": num_params}
 
 
 def measure_names(config) -> list[str]:
@@ -232,13 +250,35 @@ def build_optimizer(config, num_steps: int, num_train: int = 0, kfac_layers=None
   return optax.chain(perturb, base_tx), schedule, SAM_FAMILY[opt.name][0], l2
 
 
+class Interrupted(Exception):
+  """A run stopped by Ctrl-C or SIGTERM, after finishing the checkpoint it was writing."""
+
+  def __init__(self, step: int, checkpoint: int | None):
+    super().__init__(f"interrupted at step {step}"
+                     + (f" (last checkpoint: step {checkpoint})" if checkpoint else
+                        " (no checkpoint yet)") + "; run the same command to resume")
+    self.step, self.checkpoint = step, checkpoint
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs what ``config.task`` names in ``workdir`` and returns the run's summary."""
-  _choice("task", config.task, TASKS)
+  """Runs what ``config.task`` names in ``workdir`` and returns the run's summary.
+
+  Every check that needs no training comes first — the settings, the model built abstractly
+  for the data's shape, the workdir being a writable directory that no other run holds, the
+  data being present — and nothing is written to the workdir before all have passed. Raises
+  ValueError (one line) for bad input and ``Interrupted`` for Ctrl-C or SIGTERM; a diverged run
+  returns its summary with status 'diverged'.
+  """
+  checks.choice("task", config.task, TASKS)
   if config.task in STUDIES:
     study = importlib.import_module(f"nonuniform_jax.experiments.{config.task}")
-    return study.run(config, workdir)
+    wd.check_writable(workdir)
+    wd.check_free(workdir)
+    study.check_config(config)
+    with owned(workdir):
+      return study.run(config, workdir)
   settings = check_config(config)
+  wd.check_writable(workdir)
   return _train(config, workdir, settings)
 
 
@@ -260,20 +300,28 @@ def _evaluate(eval_step, state, source, batch_size, sharding) -> dict:
   return out
 
 
-def check_model_fit(config: ml_collections.ConfigDict) -> None:
-  """The refusals only the model can tell (BatchNorm or dropout under per-example gradients,
-  SAM-GCM's size limit), from the dataset's shape (``data.describe``) and the model's abstract
-  initialisation: before any data are read or anything is compiled or written."""
+def check_model_fit(config: ml_collections.ConfigDict) -> int:
+  """Builds the model abstractly (``jax.eval_shape``) for the dataset's shape
+  (``data.describe``) and returns its parameter count: a model that cannot be built for that
+  input, and the refusals only the model can tell (BatchNorm or dropout under per-example
+  gradients, SAM-GCM's size limit), stop here, before any data are read or anything is compiled
+  or written."""
   extra = set(family_extra_args(config))
   per_example = sorted(set(measure_names(config)) & set(evaluators.PER_EXAMPLE))
   needs_examples = bool({"per_example_grads", "per_example_loss_fn"} & extra)
-  if not (needs_examples or per_example):
-    return
   model_cfg = config.model.to_dict()
+  name = model_cfg.pop("name")
   num_classes, shape = data.describe(config.dataset, config.image_size)
-  model = models.get_model(model_cfg.pop("name"), num_classes, **model_cfg)
+  model = models.get_model(name, num_classes, **model_cfg)
   x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  try:
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  except Exception as e:  # pylint: disable=broad-except
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"model {name!r} with {model_cfg} cannot be built for the inputs of "
+                     f"{config.dataset!r} (shape {tuple(shape)}): {type(e).__name__}: "
+                     f"{text}") from None
+  count = parameter_count(variables["params"])
   has_bn = "batch_stats" in variables
   if needs_examples and has_bn:
     raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, "
@@ -284,17 +332,16 @@ def check_model_fit(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optimizer {config.optimizer.name!r} needs per-example gradients, which "
                      f"dropout ({', '.join(f'model.{k}={v}' for k, v in dropout.items())}) "
                      "would draw apart from the batch's masks; set it to 0")
-  if "per_example_grads" in extra:   # SAM-GCM: b per-example gradients of the whole model
-    count = parameter_count(variables["params"])
-    if count > config.sam_gcm.max_params:
-      raise ValueError(f"optimizer 'sam_gcm' needs the per-example gradient covariance: model "
-                       f"{config.model.name!r} on {config.dataset!r} has {count} parameters, "
-                       f"more than sam_gcm.max_params={config.sam_gcm.max_params}; use a "
-                       "smaller model or raise sam_gcm.max_params")
+  if "per_example_grads" in extra and count > config.sam_gcm.max_params:
+    raise ValueError(f"optimizer 'sam_gcm' needs the per-example gradient covariance: model "
+                     f"{config.model.name!r} on {config.dataset!r} has {count} parameters, "
+                     f"more than sam_gcm.max_params={config.sam_gcm.max_params}; use a "
+                     "smaller model or raise sam_gcm.max_params")
   if has_bn and config.measures.bn_mode == "batch" and per_example:
     raise ValueError(f"measures {per_example} take per-example gradients or Hessians, which "
                      f"BatchNorm in 'batch' mode (model {config.model.name!r}) would normalise "
                      "by each example's own statistics; use measures.bn_mode 'running'")
+  return count
 
 
 class Run(NamedTuple):
@@ -314,7 +361,8 @@ class Run(NamedTuple):
 def build(config, settings: dict) -> Run:
   """Datasets, model, optimizer and the initial train state of a checked config."""
   ds = data.get_datasets(
-      config.dataset, seed=settings["data_seed"], data_dir=config.data_dir, augment=config.augment,
+      config.dataset, seed=settings["data_seed"], batch_size=config.batch_size,
+      data_dir=config.data_dir, augment=config.augment,
       image_size=config.image_size, num_train_examples=config.num_train_examples,
       train_eval_examples=config.train_eval_examples, label_noise=config.label_noise.kind,
       label_noise_rate=config.label_noise.rate, process_index=jax.process_index(),
@@ -345,180 +393,235 @@ def build(config, settings: dict) -> Run:
   return Run(ds, model, tx, schedule, passes, l2, num_steps, mesh, state, state_sharding)
 
 
-def checkpoint_manager(workdir: str, keep: int):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir if "://" in workdir else os.path.abspath(workdir),
-                      wd.CHECKPOINT_DIR)
-  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                                                          create=True))
+@contextlib.contextmanager
+def owned(workdir: str):
+  """Holds the workdir's lock for the block (``workdir.locked``): process 0 takes it, and every
+  process learns whether it did, so that all refuse alike when another run holds it."""
+  if jax.process_count() == 1:
+    with wd.locked(workdir):
+      yield
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(wd.locked(workdir))
+      except wd.WorkdirBusy as e:
+        error = e
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+      raise error or wd.WorkdirBusy(f"workdir {workdir!r} is in use by another run")
+    yield
 
 
-def restore(manager, step: int, like: steps.TrainState) -> steps.TrainState:
-  """The checkpoint at ``step``, placed like ``like`` (any device count)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+def _checkpoint_facts(ckpts: checkpoints.Checkpoints) -> tuple[bool, dict | None]:
+  """(whether the workdir has checkpoints, the config the newest one records)."""
+  meta = ckpts.newest_meta()
+  return bool(ckpts.steps()), meta.get("config") if meta else None
 
 
 def _train(config, workdir: str, settings: dict) -> dict:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-
   started = time.time()
-  # Read first (a different config is refused here), build (what only the data can refuse stops
-  # here; the model's refusals came in check_config), and only then write to the workdir.
-  status = wd.prepare(workdir, config.to_dict(), config.overwrite, write=False)
+  config_dict = recorder.jsonable(config.to_dict())
   summary_path = os.path.join(workdir, wd.SUMMARY_FILE)
-  if status == "completed":
-    summary = wd.read_json(summary_path)
-    logging.info("run in %s already completed; its summary: %s", workdir, summary["final"])
-    print(_final_line(summary))
-    return summary
-  is_main = jax.process_index() == 0
-
-  ds, model, tx, schedule, passes, l2, num_steps, mesh, state, state_sharding = build(
-      config, settings)
-  wd.prepare_once(workdir, config.to_dict(), config.overwrite)
-  batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-  if is_main:
-    data.write_label_noise(ds, workdir)
-    # The data facts (subset, class balance, label noise) as soon as they are known: a long run
-    # that dies before its summary still says what it trained on.
-    wd.write_json(os.path.join(workdir, wd.DATASET_FILE), ds.info)
-  manager = checkpoint_manager(workdir, config.keep_checkpoints)
-  start_step = 0
-  if manager.latest_step() is not None:
-    start_step = manager.latest_step()
-    state = restore(manager, start_step, state)
-    logging.info("resumed from step %d of %s", start_step, workdir)
-  metrics_log = timing_log = None
-  if is_main:
-    metrics_log = wd.JsonLog(os.path.join(workdir, wd.METRICS_FILE), start_step)
-    timing_log = wd.JsonLog(os.path.join(workdir, wd.TIMING_FILE), start_step)
-
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  if start_step == 0:
-    writer.write_hparams({k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                          for k, v in wd.flatten(config.to_dict()).items()})
-
-  train_step = jax.jit(
-      steps.make_train_step(model, tx, seed=config.seed, label_smoothing=config.label_smoothing,
-                            l2=l2, passes=passes, groups=settings["forward_groups"],
-                            grouped_perturbation=settings["sam_groups"] > 1,
-                            bn_policy=config.sam.bn_policy,
-                            extra_args=family_extra_args(config)),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-      static_argnums=2, donate_argnums=0)   # 2: kfac_due (a keyword is refused with shardings)
-  # K-FAC statistics refresh on update indices 0, stats_every, ...: told to the step as a
-  # static bool (two programs) rather than a traced lax.cond, which XLA:CPU runs far slower.
-  kfac_every = (config.kfac.stats_every if "kfac_factors" in family_extra_args(config)
-                else None)
-  eval_step = jax.jit(steps.make_eval_step(model))
-
-  names = measure_names(config)
-  measure_batches = (evaluators.subset_batches(ds.train_eval, config.measures.num_examples,
-                                               config.measures.batch_size) if names else [])
-  measures_log = (wd.JsonLog(os.path.join(workdir, wd.MEASURES_FILE), start_step)
-                  if names and is_main else None)
-  measured = {}
-
-  batches = data.prefetch_to_device(
-      ds.train.train_batches(config.batch_size, settings["data_seed"], start_step), 2,
-      batch_sharding)
-  progress = _progress(config, start_step, num_steps, is_main)
-  window, window_start, window_time = [], start_step, time.time()
-  final, diverged_step = {}, None
-  try:
-    for step in range(start_step + 1, num_steps + 1):
-      if kfac_every:
-        state, step_metrics = train_step(state, next(batches), (step - 1) % kfac_every == 0)
-      else:
-        state, step_metrics = train_step(state, next(batches), None)
-      window.append(step_metrics)
-      is_log = step % config.log_every == 0 or step == num_steps
-      is_eval = step % config.eval_every == 0 or step == num_steps
-      is_ckpt = step % config.checkpoint_every == 0 or step == num_steps
-      every = config.measures.every_steps
-      is_measure = bool(names) and ((every > 0 and step % every == 0) or step == num_steps)
-      if not (is_log or is_eval or is_ckpt or is_measure):
-        continue
-      stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window))
-      bad = np.flatnonzero(~np.isfinite(stacked["train_loss"]))
-      if bad.size:
-        diverged_step = window_start + int(bad[0]) + 1
-        break
-      elapsed = time.time() - window_time
-      record = {"step": step, "learning_rate": float(schedule(step - 1))}
-      record.update({k: float(np.mean(v)) for k, v in stacked.items()})
-      if is_eval:
-        test = _evaluate(eval_step, state, ds.test, settings["eval_batch"], batch_sharding)
-        train_side = _evaluate(eval_step, state, ds.train_eval, settings["eval_batch"],
-                               batch_sharding)
-        record.update({f"test_{k}": v for k, v in test.items()})
-        record.update({f"eval_train_{k}": v for k, v in train_side.items()})
-        record["generalization_gap"] = test["loss"] - train_side["loss"]
-        record["accuracy_gap"] = train_side["accuracy"] - test["accuracy"]
-        final = record
-      if is_measure:
-        measured = evaluators.run(names, measure_settings(config, names), model, state.params,
-                                  state.batch_stats, measure_batches,
-                                  bn_mode=config.measures.bn_mode, seed=config.measures.seed,
-                                  num_classes=ds.num_classes)
-        record.update(evaluators.scalars(measured))
-        if is_main:
-          measures_log.append({"step": step, **measured})
-      timing = {"step": step, "step_time_s": elapsed / len(window),
-                "examples_per_second": config.batch_size * len(window) / elapsed}
-      if is_main:
-        metrics_log.append(record)
-        timing_log.append(timing)
-        writer.write_scalars(step, {**record, **timing})
-      if is_ckpt:
-        manager.save(step, args=ocp.args.StandardSave(state))
-      progress.update(step - progress.n)
-      progress.set_postfix(loss=f"{record['train_loss']:.4f}")
-      window, window_start, window_time = [], step, time.time()
-  finally:
-    # Interrupted (KeyboardInterrupt, an error) or not, finish the checkpoint being written, so
-    # that a rerun resumes from it instead of from the one before.
-    manager.wait_until_finished()
-  progress.close()
-  writer.flush()
-
-  summary = {
-      "status": "diverged" if diverged_step else "completed",
-      "diverged_step": diverged_step,
-      "config": config.to_dict(),
-      "settings": {**settings, "num_steps": num_steps, "gradient_evaluations_per_step": passes,
-                   "bn_policy": config.sam.bn_policy if passes > 1 else None,
-                   "weight_decay_in_loss": l2},
-      "devices": parallel.device_summary(mesh),
-      "dataset": ds.info,
-      "versions": wd.package_versions(),
-      "final": final,
-      "measures": measured,
-      "wall_time_s": time.time() - started,
-  }
-  if is_main:
-    wd.write_json(summary_path, summary)
-  if diverged_step:
-    logging.error("training diverged: non-finite loss at step %d; the last good checkpoint is "
-                  "step %s", diverged_step, manager.latest_step())
+  ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+  # Read first: another run holding the workdir or a different config is refused here, and an
+  # ended run only reports; then build (what only the data can refuse stops here); only then
+  # take the workdir and write to it.
+  wd.check_free(workdir)
+  status = wd.prepare(workdir, config_dict, config.overwrite, write=False,
+                      checkpoints=_checkpoint_facts(ckpts))
+  if status in ("completed", "diverged"):
+    return _report_ended(summary_path)
+  run = build(config, settings)
+  with owned(workdir):
+    status = wd.prepare_once(workdir, config_dict, config.overwrite,
+                             checkpoints=_checkpoint_facts(ckpts))
+    if status in ("completed", "diverged"):   # it ended while this run was being built
+      return _report_ended(summary_path)
+    restored = ckpts.restore_latest(run.state) if status == "resume" else None
+    start = restored.step if restored else 0
+    rec = recorder.Recorder(workdir, start_step=start, total_steps=run.num_steps,
+                            restored=restored.meta if restored else None,
+                            progress=config.progress, hparams=wd.flatten(config_dict))
+    if jax.process_index() == 0:
+      data.write_label_noise(run.datasets, workdir)
+      # The data facts as soon as they are known: a run that dies early still says what it
+      # trained on.
+      wd.write_json(os.path.join(workdir, wd.DATASET_FILE), run.datasets.info)
+    print(_start_line(config, settings, run, workdir, start), flush=True)
+    state = restored.state if restored else run.state
+    try:
+      diverged_step = _loop(config, settings, run, state, start, ckpts, rec, config_dict)
+    finally:
+      rec.close()
+    final = rec.last("metrics", "test_accuracy")
+    if not final:   # a finished run whose checkpoint kept no logs (an older version wrote it)
+      final = _evaluate_state(run, settings, restored.state if restored else state)
+    summary = {
+        "status": "diverged" if diverged_step else "completed",
+        "diverged_step": diverged_step,
+        "config": config.to_dict(),
+        "settings": {**settings, "num_steps": run.num_steps,
+                     "gradient_evaluations_per_step": run.passes,
+                     "bn_policy": config.sam.bn_policy if run.passes > 1 else None,
+                     "weight_decay_in_loss": run.l2},
+        "devices": parallel.device_summary(run.mesh),
+        "dataset": run.datasets.info,
+        "versions": wd.package_versions(),
+        "final": final,
+        "measures": {k: v for k, v in rec.last("measures").items() if k != "step"},
+        "wall_time_s": time.time() - started,
+    }
+    if diverged_step:
+      saved = [s for s in ckpts.steps() if s < diverged_step]
+      summary["last_good_checkpoint"] = saved[-1] if saved else None
+    rec.write_summary(summary)
   print(_final_line(summary))
   return summary
 
 
+def _loop(config, settings, run: "Run", state, start: int, ckpts, rec, config_dict) -> int | None:
+  """Trains from step ``start`` to ``run.num_steps``: logs, evaluates, measures and saves on
+  their schedules. Returns the first step whose loss was not finite (None if none). Ctrl-C or
+  SIGTERM ends it with ``Interrupted``, after the checkpoint being written is finished."""
+  mesh = run.mesh
+  batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  extra = family_extra_args(config)
+  train_step = jax.jit(
+      steps.make_train_step(run.model, run.tx, seed=config.seed,
+                            label_smoothing=config.label_smoothing, l2=run.l2,
+                            passes=run.passes, groups=settings["forward_groups"],
+                            grouped_perturbation=settings["sam_groups"] > 1,
+                            bn_policy=config.sam.bn_policy, extra_args=extra),
+      in_shardings=(run.state_sharding, batch_sharding), out_shardings=(run.state_sharding,
+                                                                        replicated),
+      static_argnums=2, donate_argnums=0)   # 2: kfac_due (a keyword is refused with shardings)
+  # K-FAC statistics refresh on update indices 0, stats_every, ...: told to the step as a
+  # static bool (two programs) rather than a traced lax.cond, which XLA:CPU runs far slower.
+  kfac_every = config.kfac.stats_every if "kfac_factors" in extra else None
+  eval_step = jax.jit(steps.make_eval_step(run.model))
+  names = measure_names(config)
+  measure_batches = (evaluators.subset_batches(run.datasets.train_eval,
+                                               config.measures.num_examples,
+                                               config.measures.batch_size) if names else [])
+  batches = data.prefetch_to_device(
+      run.datasets.train.train_batches(config.batch_size, settings["data_seed"], start), 2,
+      batch_sharding)
+  window, window_start, window_time = [], start, time.time()
+  done = start
+  try:
+    for step in range(start + 1, run.num_steps + 1):
+      due = (step - 1) % kfac_every == 0 if kfac_every else None
+      state, step_metrics = train_step(state, next(batches), due)
+      done = step
+      window.append(step_metrics)
+      last = step == run.num_steps
+      is_eval = step % config.eval_every == 0 or last
+      is_ckpt = step % config.checkpoint_every == 0 or last
+      every = config.measures.every_steps
+      is_measure = bool(names) and ((every > 0 and step % every == 0) or last)
+      if not (step % config.log_every == 0 or is_eval or is_ckpt or is_measure):
+        continue
+      stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window))
+      bad = np.flatnonzero(~np.isfinite(stacked["train_loss"]))
+      if bad.size:
+        return window_start + int(bad[0]) + 1
+      elapsed = time.time() - window_time
+      record = {"step": step, "learning_rate": float(run.schedule(step - 1))}
+      record.update({k: float(np.mean(v)) for k, v in stacked.items()})
+      if is_eval:
+        record.update(_evaluate_state(run, settings, state, eval_step))
+      measured = None
+      if is_measure:
+        measured = evaluators.run(names, measure_settings(config, names), run.model,
+                                  state.params, state.batch_stats, measure_batches,
+                                  bn_mode=config.measures.bn_mode, seed=config.measures.seed,
+                                  num_classes=run.datasets.num_classes)
+        record.update(evaluators.scalars(measured))
+      timing = {"step": step, "step_time_s": elapsed / len(window),
+                "examples_per_second": config.batch_size * len(window) / elapsed}
+      rec.record(step, record, timing, measured)
+      if is_ckpt:
+        ckpts.save(step, state, {"config": config_dict, **rec.meta()})
+      window, window_start, window_time = [], step, time.time()
+  except KeyboardInterrupt:
+    ckpts.wait()
+    saved = ckpts.steps()
+    raise Interrupted(done, saved[-1] if saved else None) from None
+  finally:
+    # Interrupted or not, finish the checkpoint being written, so that a rerun resumes from it.
+    ckpts.wait()
+  return None
+
+
+def _evaluate_state(run: "Run", settings: dict, state, eval_step=None) -> dict:
+  """Test and training-subset loss and accuracy of ``state``, and the gaps."""
+  eval_step = eval_step or jax.jit(steps.make_eval_step(run.model))
+  sharding = parallel.batch_sharding(run.mesh)
+  test = _evaluate(eval_step, state, run.datasets.test, settings["eval_batch"], sharding)
+  train_side = _evaluate(eval_step, state, run.datasets.train_eval, settings["eval_batch"],
+                         sharding)
+  out = {f"test_{k}": v for k, v in test.items()}
+  out.update({f"eval_train_{k}": v for k, v in train_side.items()})
+  out["generalization_gap"] = test["loss"] - train_side["loss"]
+  out["accuracy_gap"] = train_side["accuracy"] - test["accuracy"]
+  return out
+
+
+def _report_ended(summary_path: str) -> dict:
+  summary = wd.read_json(summary_path)
+  logging.info("run already ended (%s); its summary: %s", summary["status"],
+               summary.get("final"))
+  print(_final_line(summary))
+  return summary
+
+
+def _describe_optimizer(config) -> str:
+  opt = config.optimizer
+  family = opt.name in SAM_FAMILY
+  base_name = opt.base if family else opt.name
+  parts = [f"lr {opt.learning_rate:g} {config.schedule.name}"]
+  if base_name == "sgd" and opt.momentum:
+    parts.append(f"momentum {opt.momentum:g}" + (" nesterov" if opt.nesterov else ""))
+  if opt.weight_decay:
+    parts.append(f"weight decay {opt.weight_decay:g}")
+  base = f"{base_name} ({', '.join(parts)})"
+  if not family:
+    return base
+  keys = {"sam": ("sam.rho",), "asam": ("sam.rho", "sam.eta"),
+          "csam": ("csam.rho1", "csam.rho2", "csam.alpha", "csam.metric"),
+          "nonuniform_sam": ("csam.rho1", "csam.rho2", "csam.alpha", "csam.metric"),
+          "gam": ("sam.rho",), "sam_gcm": ("sam_gcm.rho", "sam_gcm.xi"),
+          "cov": ("cov.lam",)}[opt.name]
+  flat = wd.flatten(config.to_dict())
+  shown = " ".join(f"{k.split('.')[-1]}={flat[k]}" for k in keys)
+  return f"{opt.name} ({shown}) over {base}"
+
+
+def _start_line(config, settings: dict, run: "Run", workdir: str, start: int) -> str:
+  """What runs, in one line: data, model, optimizer, length, devices, workdir."""
+  ds = run.datasets
+  subset = (f"{ds.num_train:,} of {ds.info.get('num_train_full', ds.num_train):,}"
+            if config.num_train_examples else f"{ds.num_train:,}")
+  devices = settings["num_devices"]
+  platform = run.mesh.devices.ravel()[0].platform
+  where = f"resuming at step {start:,}" if start else "starting"
+  return (f"{config.dataset} ({subset} training examples) -> {config.model.name} "
+          f"({settings['num_params']:,} parameters), {_describe_optimizer(config)}, "
+          f"{run.num_steps:,} steps of batch {config.batch_size} on {devices} {platform} "
+          f"device{'s' if devices > 1 else ''}"
+          + (f" in {settings['num_processes']} processes" if settings["num_processes"] > 1
+             else "") + f"; {where} in {workdir}")
+
+
 def _final_line(summary: dict) -> str:
   if summary["status"] == "diverged":
-    return (f"diverged at step {summary['diverged_step']} (non-finite loss); the last good "
-            "checkpoint is kept")
+    good = summary.get("last_good_checkpoint")
+    return (f"diverged at step {summary['diverged_step']} (non-finite training loss); "
+            + (f"the last good checkpoint, step {good}, is kept" if good else
+               "no checkpoint was saved before it"))
   f = summary["final"]
   return (f"test accuracy {f['test_accuracy']:.4f}  train accuracy "
           f"{f['eval_train_accuracy']:.4f}  generalization gap (loss) "
           f"{f['generalization_gap']:.4f}  accuracy gap {f['accuracy_gap']:.4f}")
-
-
-def _progress(config, start: int, total: int, is_main: bool):
-  import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(total=total, initial=start, disable=not (config.progress and is_main),
-                   unit="step", dynamic_ncols=True)

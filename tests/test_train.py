@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from nonuniform_jax import data, train, workdir as wd
+from nonuniform_jax import checkpoints, data, train, workdir as wd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,10 +41,7 @@ def read_lines(path):
 
 
 def final_params(workdir):
-  import orbax.checkpoint as ocp
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
-    restored = m.restore(m.latest_step())
-  return restored["params"]
+  return checkpoints.read_state(workdir)["params"]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +98,8 @@ def test_resume_after_crash_matches_uninterrupted(reference_run, tmp_path, monke
       yield batch
 
   monkeypatch.setattr(data, "prefetch_to_device", crashing_prefetch)
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(train.Interrupted, match=r"interrupted at step 25 \(last checkpoint: "
+                                              r"step 20\); run the same command to resume"):
     train.train_and_evaluate(small_config(), str(tmp_path))
   assert not (tmp_path / "summary.json").exists()
   # A torn last line, as a kill -9 in the middle of a write leaves it.
@@ -146,11 +144,12 @@ def test_different_config_refused_unless_overwrite(reference_run, tmp_path):
     ({"model.name": "resnet7"}, "unknown model 'resnet7'; choose one of"),
     ({"optimizer.name": "lamb"}, "unknown optimizer 'lamb'; choose one of"),
     ({"schedule.name": "poly"}, "unknown schedule 'poly'; choose one of"),
-    ({"optimizer.learning_rate": 0.0}, "optimizer.learning_rate must be > 0, got 0.0"),
+    ({"optimizer.learning_rate": 0.0},
+     "optimizer.learning_rate must be a finite number > 0, got 0.0"),
     ({"batch_size": -8}, "batch_size"),
     ({"num_steps": 0}, "num_steps (0) or num_epochs (0.0) must be > 0"),
     ({"task": "pretrain"}, "unknown task 'pretrain'; choose one of"),
-    ({"optimizer.name": "sam", "sam.rho": -0.1}, "sam.rho must be >= 0, got -0.1"),
+    ({"optimizer.name": "sam", "sam.rho": -0.1}, "sam.rho must be a finite number >= 0, got -0.1"),
     ({"optimizer.name": "sam", "sam.m": 48}, "sam.m 48 must divide the per-device batch 128"),
     ({"optimizer.name": "sam", "sam.bn_policy": "never"}, "unknown sam.bn_policy 'never'"),
     ({"optimizer.name": "csam", "csam.alpha": 1.5},
@@ -160,11 +159,34 @@ def test_different_config_refused_unless_overwrite(reference_run, tmp_path):
     ({"optimizer.name": "gam", "kfac.stats_every": 0}, "stats_every must be an integer >= 1"),
     ({"optimizer.name": "sam_gcm", "sam_gcm.xi": -1.0}, "sam_gcm.*: xi must be > 0, got -1.0"),
     ({"data_seed": -2}, "data_seed -2 must be an integer >= 0, or -1 (the run's seed)"),
+    ({"optimizer.learning_rate": float("inf")}, "optimizer.learning_rate must be a finite number"),
+    ({"optimizer.name": "sam", "sam.rho": float("inf")}, "sam.rho must be a finite number, got inf"),
+    ({"optimizer.momentum": -5.0}, "optimizer.momentum must be in [0.0, 1.0), got -5.0"),
+    ({"optimizer.grad_clip_norm": -1.0}, "optimizer.grad_clip_norm must be a finite number >= 0"),
+    ({"schedule.warmup_steps": -10}, "schedule.warmup_steps must be an integer >= 0, got -10"),
+    ({"model.widths": (0,)}, "model 'mlp': widths=(0,) must hold sizes >= 1"),
+    ({"model.widths": (-5,)}, "model 'mlp': widths=(-5,) must hold sizes >= 1"),
+    ({"num_steps": 0, "num_epochs": float("inf")}, "num_epochs must be a finite number, got inf"),
+    ({"num_epochs": float("nan")}, "num_epochs must be a finite number, got nan"),
+    ({"schedule.step_factor": float("nan")}, "schedule.step_factor must be a finite number"),
+    ({"model.name": "resnet20", "model.depth": 21, "dataset": "digits"},
+     "CIFAR ResNet depth 21 is not 6n+2"),
+    ({"model.name": "vit", "model.patch_size": 3, "dataset": "digits"},
+     "model 'vit' with {'patch_size': 3} cannot be built for the inputs of 'digits' (shape (8, 8, 1))"),
 ])
 def test_bad_input_is_one_line_error_before_anything(overrides, message, tmp_path, monkeypatch):
   monkeypatch.setattr(data, "get_datasets", lambda *a, **k: pytest.fail("data was loaded"))
+  config = small_config()
+  if overrides.get("model.name"):
+    config.model = ml_collections.ConfigDict({"name": overrides.pop("model.name")})
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
   with pytest.raises(ValueError) as info:
-    train.train_and_evaluate(small_config(**overrides), str(tmp_path / "w"))
+    train.train_and_evaluate(config, str(tmp_path / "w"))
   assert message in str(info.value) and "\n" not in str(info.value)
   assert not (tmp_path / "w").exists()
 
@@ -376,7 +398,7 @@ def test_kfac_run_resumed_in_the_middle_of_a_period_matches(inverse_every, tmp_p
       yield batch
 
   monkeypatch.setattr(data, "prefetch_to_device", crashing_prefetch)
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(train.Interrupted):
     train.train_and_evaluate(config, str(resumed))
   assert sorted(os.listdir(resumed / "checkpoints")) == ["4"]
   monkeypatch.setattr(data, "prefetch_to_device", real_prefetch)

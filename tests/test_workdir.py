@@ -24,14 +24,16 @@ def _old_run(root: pathlib.Path, config: dict, status: str) -> None:
   (root / wd.METRICS_FILE).write_text('{"step": 10}\n')
   (root / wd.CHECKPOINT_DIR / "10").mkdir(parents=True)
   (root / wd.CHECKPOINT_DIR / "10" / "state").write_text("weights")
-  wd.write_json(root / wd.SUMMARY_FILE, {"status": status})
+  if status:   # None: interrupted before its summary
+    wd.write_json(root / wd.SUMMARY_FILE, {"status": status})
 
 
 SCENARIOS = {  # name -> (old run: (config, status) or None, new config, overwrite, status)
     "empty": (None, CONFIG, False, "new"),
-    "resume, shown differently": ((CONFIG, "diverged"), {**CONFIG, "progress": True}, False,
+    "resume, shown differently": ((CONFIG, None), {**CONFIG, "progress": True}, False,
                                   "resume"),
     "completed": ((CONFIG, "completed"), CONFIG, False, "completed"),
+    "diverged": ((CONFIG, "diverged"), CONFIG, False, "diverged"),
     "overwrite": ((CONFIG, "completed"), {**CONFIG, "seed": 1}, True, "new"),
 }
 
@@ -46,7 +48,7 @@ def test_prepare_without_write_reports_the_same_status_and_writes_nothing(name, 
   assert wd.prepare(str(root), config, overwrite, write=False) == expected
   assert _files(root) == before and root.exists() == bool(old)
   assert wd.prepare(str(root), config, overwrite) == expected   # what writing reports
-  if expected != "completed":
+  if expected not in ("completed", "diverged"):
     assert wd.read_json(root / wd.CONFIG_FILE)["progress"] == config["progress"]
   if name == "overwrite":
     assert sorted(_files(root)) == [wd.CONFIG_FILE]
@@ -63,7 +65,7 @@ def test_prepare_without_write_raises_on_a_different_config(tmp_path):
 def test_a_run_from_before_a_setting_existed_resumes_under_its_default(tmp_path):
   """A config.json without data_seed (written before it existed) is the same config as one with
   data_seed -1, which keeps its meaning; another value is a different config."""
-  _old_run(tmp_path, CONFIG, "diverged")
+  _old_run(tmp_path, CONFIG, None)
   assert wd.prepare(str(tmp_path), {**CONFIG, "data_seed": -1}, overwrite=False,
                     write=False) == "resume"
   with pytest.raises(ValueError, match="data_seed: -1 -> 3"):

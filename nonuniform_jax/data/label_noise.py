@@ -131,7 +131,9 @@ def write(noise: LabelNoise, clean_labels: np.ndarray, train_indices: np.ndarray
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   path = root / "label_noise.npz"
-  with path.open("wb") as f:
+  tmp = root / "label_noise.npz.tmp"   # written whole, then renamed: never half a file
+  with tmp.open("wb") as f:
     np.savez(f, noisy_labels=noise.labels, clean_labels=np.asarray(clean_labels, np.int32),
              flipped_indices=np.flatnonzero(noise.noisy), train_indices=train_indices)
+  tmp.replace(path)
   return str(path)

@@ -55,12 +55,24 @@ def _lookup(name):
   return MODELS[name]
 
 
+def _integers(value) -> list:
+  if isinstance(value, (list, tuple)):
+    return [v for item in value for v in _integers(item)]
+  return [value] if isinstance(value, int) and not isinstance(value, bool) else []
+
+
 def check_model(name: str, **kwargs) -> None:
-  """Raises ValueError naming the bad model name or argument, without building anything."""
+  """Raises ValueError naming the bad model name or argument, without building anything: an
+  unknown argument, a size (every integer argument, alone or in a tuple: widths, depths,
+  channels, patch sizes) below 1, or a rate outside [0, 1)."""
   known = model_kwargs(name)
-  for key in kwargs:
+  for key, value in kwargs.items():
     if key not in known:
       raise ValueError(f"model {name!r} has no argument {key!r}; its arguments are {known}")
+    if any(v < 1 for v in _integers(value)):
+      raise ValueError(f"model {name!r}: {key}={value!r} must hold sizes >= 1")
+    if key.endswith("rate") and not (isinstance(value, (int, float)) and 0 <= value < 1):
+      raise ValueError(f"model {name!r}: {key}={value!r} must be in [0, 1)")
 
 
 def get_model(name: str, num_classes: int, **kwargs):

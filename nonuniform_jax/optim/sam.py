@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nonuniform_jax import checks
+
 GradFn = Callable[[Any], Any]
 
 
@@ -53,8 +55,7 @@ def sam_perturbation(grads, params, rho: float, adaptive: bool = False, eta: flo
 
 
 def validate_rho(name: str, value: float) -> None:
-  if not value >= 0:  # also rejects NaN
-    raise ValueError(f"{name} must be >= 0, got {value!r}")
+  checks.non_negative(name, value)
 
 
 def add_trees(a, b):
