@@ -1,54 +1,64 @@
 """Command line: ``python -m nonuniform_jax.main --config configs/NAME.py --workdir DIR``.
 
 Overrides: ``--config.optimizer.learning_rate=0.05``, ``--config.model.widths='(128,64)'``.
-This file only parses and calls ``train.train_and_evaluate``; a bad setting ends the process
-with a one-line error and exit status 2, before anything is compiled.
+``--help`` lists the configs and the most used settings. This file only parses and calls
+``train.train_and_evaluate``; exit statuses are those of ``nonuniform_jax.cli`` (0 completed,
+2 bad input, 3 diverged, 75 disk full, 130 interrupted).
 """
 
-import logging
+import ast
+import difflib
 import os
+import pathlib
+import re
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices
+from nonuniform_jax import cli  # first: it quiets TensorFlow before anything imports it
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags  # pylint: disable=g-bad-import-order,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an ml_collections config file (configs/NAME.py[:variant]).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and summary.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def quiet_logs() -> None:
-  """JAX reports at INFO each accelerator backend it does not find, Orbax and CLU every save
-  and scalar; the progress bar and the workdir's files already say what matters."""
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  logging.getLogger("absl").setLevel(logging.WARNING)
+USAGE = ("usage: python -m nonuniform_jax.main --config configs/NAME.py[:VARIANT] --workdir DIR "
+         "[--config.KEY=VALUE ...]")
+# The settings a first run most often changes (configs/default.py lists them all).
+MAIN_SETTINGS = ("dataset", "num_train_examples", "model.name", "optimizer.name",
+                 "optimizer.base", "optimizer.learning_rate", "optimizer.momentum",
+                 "optimizer.weight_decay", "schedule.name", "batch_size", "num_steps",
+                 "num_epochs", "seed", "sam.rho", "csam.rho1", "csam.rho2", "csam.alpha",
+                 "csam.metric", "label_smoothing", "label_noise.kind", "label_noise.rate",
+                 "measure_nonuniformity", "measures.names", "measures.every_steps",
+                 "eval_every", "checkpoint_every", "progress", "overwrite")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  quiet_logs()
-  from nonuniform_jax import parallel, train  # pylint: disable=g-import-not-at-top
-  parallel.initialize_distributed()
-  try:
-    config = _CONFIG.value
-    config.get("task")  # a config file that failed to load raises here
-  except (OSError, ImportError, SyntaxError) as e:
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
-    print(f"error: cannot load config file {path!r} ({type(e).__name__}): check the path "
-          "(relative to the current directory) and that it defines get_config()",
-          file=sys.stderr)
-    sys.exit(2)
-  try:
-    train.train_and_evaluate(config, _WORKDIR.value)
-  except ValueError as e:
-    logging.debug("configuration error", exc_info=True)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def configs_dir() -> pathlib.Path:
+  """The repository's configs/ (beside the package), else ./configs."""
+  beside = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  return beside if beside.is_dir() else pathlib.Path("configs")
+
+
+def help_text() -> str:
+  """Usage, every config with the first line of its docstring, the main settings with their
+  defaults, and the exit statuses."""
+  lines = [USAGE, "", "configs (each docstring holds the exact commands that run it):"]
+  folder = configs_dir()
+  for path in sorted(folder.glob("*.py")):
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    first = " ".join(doc.split("\n\n")[0].split())
+    shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+    lines.append(f"  {shown:32s} {first}")
+  lines += ["", "main settings (--config.KEY=VALUE; configs/default.py lists and explains all):"]
+  sys.path.insert(0, str(folder.parent))
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  for key in MAIN_SETTINGS:
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    lines.append(f"  --config.{key}={value!r}")
+  lines += ["", "exit status: 0 completed, 2 bad input (one line, nothing written), 3 diverged, "
+            "75 disk full, 130 interrupted (the same command resumes)",
+            "measures on a finished run: python -m nonuniform_jax.measure --help"]
+  return "\n".join(lines)
 
 
 def _config_path(argv) -> str:
@@ -60,19 +70,69 @@ def _config_path(argv) -> str:
   return ""
 
 
-def parse_flags(argv):
-  """absl's flag parser, but a config file or override that fails while the flags are parsed
-  (an unknown variant, a missing file given with overrides, an unknown key, a bad value) ends
-  the process with one line and exit status 2, as every other bad setting does."""
+def _closest_key(dotted: str) -> str | None:
+  """The existing key of configs/default.py (which lists every setting) closest to ``dotted``,
+  segment by segment (``optimzer.name`` -> ``optimizer.name``), or None."""
+  sys.path.insert(0, str(configs_dir().parent))
+  from configs import default  # pylint: disable=g-import-not-at-top
+  node, path = default.get_config().to_dict(), []
+  for part in dotted.split("."):
+    if not isinstance(node, dict):
+      return None
+    if part not in node:
+      close = difflib.get_close_matches(part, list(node), n=1, cutoff=0.6)
+      if not close:
+        return None
+      part = close[0]
+    path.append(part)
+    node = node[part]
+  return ".".join(path)
+
+
+def _unknown_setting(argv, text: str) -> str:
+  """The one-line message for an override naming a key the config lacks, with the closest
+  existing key."""
+  missing = re.search(r"'([^'\s]+)'", text)
+  key = missing.group(1) if missing else None
+  overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  override = next((o for o in overrides if key and key in o.split(".")), None)
+  if override is None and len(overrides) == 1:
+    override = overrides[0]
+  close = _closest_key(override.removeprefix("--config.")) if override else None
+  hint = f" (did you mean --config.{close}?)" if close else ""
+  name = override or "--config." + (key or "?")
+  return (f"unknown setting {name}: the config has no such key{hint}; configs/default.py "
+          "lists every setting")
+
+
+def parse(argv) -> tuple:
+  """``(config, workdir)`` from a command line. ``--help`` prints this command's help and exits
+  0; a config file or override that fails (a missing or broken file, an unknown variant, an
+  unknown key, a bad value) ends the process with one line and exit status 2.
+
+  The flags are defined anew for each call (``ml_collections`` reads the config file named in
+  ``argv`` to define its overrides), so one process may run several commands.
+  """
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+    print(help_text())
+    sys.exit(cli.EXIT_OK)
+  path = _config_path(argv)
+  flag_values = flags.FlagValues()
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Path to an ml_collections config file (configs/NAME.py[:variant]).",
+      flag_values=flag_values, lock_config=True, sys_argv=list(argv))
+  workdir_flag = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and "
+                                     "summary.", flag_values=flag_values)
   try:
-    return flags.FLAGS(argv)
+    rest = flag_values(list(argv))
+  except KeyError as e:   # an override whose key is misspelled (ml_collections suggests one)
+    cli.fail(_unknown_setting(argv, str(e.args[0] if e.args else e)))
   # ml_collections raises these from inside absl's parsing: OSError for a config file that did
   # not load (once overrides ask it for their types), AttributeError for an unknown key.
   except (flags.Error, OSError, AttributeError) as e:
     text = str(e)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     message = lines[-1] if lines else text
-    path = _config_path(argv)
     unknown = isinstance(e, AttributeError) or (
         isinstance(e, flags.UnrecognizedFlagError) and e.flagname.startswith("config."))
     if path and not os.path.exists(path):
@@ -81,22 +141,42 @@ def parse_flags(argv):
     elif "Error whilst parsing config file" in text:
       message = f"config file {path!r}: {message}"
     elif unknown:
-      name = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
-                   and _unknown_key(a, text)), "--config.?")
-      message = (f"unknown setting {name}: the config {path!r} has no such key "
-                 "(configs/default.py lists every setting)")
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+      message = _unknown_setting(argv, text)
+    cli.fail(message)
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file itself raised while it was loaded (with overrides it loads here).
+    cli.fail(f"cannot load config file {path!r}: {type(e).__name__}: {e}")
+  if len(rest) > 1:
+    cli.fail(f"unexpected arguments {rest[1:]}; {USAGE}")
+  missing = [name for name in ("config", "workdir") if flag_values[name].value is None]
+  if missing:
+    cli.fail(f"missing --{' and --'.join(missing)}; {USAGE} (--help lists the configs)")
+  try:
+    config = config_flag.value
+    config.get("task")   # a config file that failed to load raises here
+  except (OSError, ImportError, SyntaxError) as e:
+    cli.fail(f"cannot load config file {path!r} ({type(e).__name__}): check the path "
+             "(relative to the current directory) and that it defines get_config()")
+  except Exception as e:  # pylint: disable=broad-except
+    cli.fail(f"cannot load config file {path!r}: {type(e).__name__}: {e}")
+  return config, workdir_flag.value
 
 
-def _unknown_key(arg: str, error_text: str) -> bool:
-  """Whether the override ``--config.a.b=...`` names the key an error complains about."""
-  keys = arg.split("=", 1)[0].removeprefix("--config.").split(".")
-  return any(f"'{k}'" in error_text for k in keys)
+def command(argv) -> int:
+  """The whole command for ``argv`` (``argv[0]`` is the program): parse, check, train or report.
+  Returns the exit status of a run that ended (0, or 3 diverged); the others end the process
+  through ``cli.fail`` (SystemExit with 2, 75 or 130)."""
+  config, workdir = parse(argv)
+  cli.quiet_logs()
+  from nonuniform_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed()
+  summary = cli.guarded(lambda: train.train_and_evaluate(config, workdir), workdir)
+  return cli.EXIT_DIVERGED if summary.get("status") == "diverged" else cli.EXIT_OK
 
 
 def run():
-  app.run(main, flags_parser=parse_flags)
+  cli.as_program()
+  sys.exit(command(sys.argv))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def test_paper_cifar_setting(monkeypatch, tmp_path):
     load("cifar10_label_noise", "symmetric,0.2,0.4", monkeypatch, tmp_path)
 
 
-def test_command_line_config_string(tmp_path):
+def test_command_line_config_string(tmp_path):  # (the docstring commands themselves run in
+  # tests/test_documented_commands.py)
   """The ``file.py:variant`` form of the docstrings, parsed by ml_collections' flag, from /."""
   code = ("from absl import flags; from ml_collections import config_flags; "
           "c = config_flags.DEFINE_config_file('config'); "
@@ -75,39 +76,3 @@ def test_command_line_config_string(tmp_path):
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd="/")
   assert out.stdout.split() == ["0.6", "200"]
-
-
-# One end-to-end step of each config family through TFDS (mocked), at its laptop scale with the
-# batch, image size, subset and network shrunk (same model family, fewer and narrower layers, so
-# compilation stays short): config -> pipeline -> model -> train step -> evaluation -> outputs.
-E2E = [("mnist_mlp", "laptop"), ("cifar10_resnet20", "laptop"), ("cifar100_wrn28_6", "laptop"),
-       ("imagenet_resnet50", "laptop"), ("food101_vit", "laptop"),
-       ("cifar10_label_noise", "symmetric,0.4,laptop")]
-SMALLER = {"vit": {"depth": 1, "hidden_size": 32, "num_heads": 2, "mlp_dim": 64, "patch_size": 8},
-           "resnet50": {"stage_sizes": (1, 1, 1, 1)}, "resnet18": {"stage_sizes": (1, 1, 1, 1)},
-           "wide_resnet": {"depth": 10, "widen_factor": 1}, "wrn": {"depth": 10, "widen_factor": 1},
-           "resnet20": {"depth": 8}, "resnet32": {"depth": 8}, "cifar_resnet": {"depth": 8}}
-
-
-@pytest.mark.parametrize("name, variant", E2E)
-def test_one_step_end_to_end_under_mock_data(name, variant, monkeypatch, tmp_path):
-  import json  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  config = load(name, variant, monkeypatch, tmp_path)
-  config.update({"num_steps": 1, "num_epochs": 0.0, "batch_size": 8, "eval_batch_size": 8,
-                 "num_train_examples": 16, "train_eval_examples": 8, "image_size": 32,
-                 "log_every": 1, "eval_every": 1, "checkpoint_every": 1})
-  config.schedule.warmup_steps = 0
-  family = next((k for k in SMALLER if config.model.name.startswith(k)), None)
-  if family:
-    config.model.update(SMALLER[family])
-  workdir = tmp_path / "w"
-  with tfds.testing.mock_data(num_examples=16):
-    summary = train.train_and_evaluate(config, str(workdir))
-  assert summary["status"] == "completed"
-  record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
-  assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
-  if config.label_noise.kind != "none":
-    assert {"eval_train_accuracy_noisy", "eval_train_accuracy_noisy_true",
-            "eval_train_accuracy_clean"} <= set(record)
-    assert (workdir / "label_noise.npz").exists() or list(workdir.glob("label_noise*"))
