@@ -105,7 +105,7 @@ def test_a_measures_draws_do_not_depend_on_the_others():
     ({"measures.names": ("lambda_maximum",)}, "unknown measure 'lambda_maximum'"),
     ({"measures.bn_mode": "eval"}, "unknown measures.bn_mode 'eval'"),
     ({"measures.settings.sam_sharpness.rho": 0.1, "measures.names": ("sam_sharpness",),
-      "measures.num_examples": 0}, "measures.num_examples must be > 0"),
+      "measures.num_examples": 0}, "measures.num_examples must be a finite number > 0"),
     ({"measure_nonuniformity": True}, "batch_gradient_noise.batch_size 128 needs at least 2 "
                                       "disjoint batches of the 64 measured examples; choose 1 to 32"),
 ])

@@ -229,6 +229,6 @@ def test_bad_method_is_refused_before_anything_is_written(tmp_path):
 def test_bad_optimizer_setting_is_refused_before_anything_is_written(tmp_path):
   config = toy_config.get_config()
   config.sam_rho = -0.1
-  with pytest.raises(ValueError, match="rho must be >= 0"):
+  with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
     toy_minima.run(config, str(tmp_path))
   assert not os.listdir(tmp_path)

@@ -112,7 +112,7 @@ def test_checkpoint_from_8_devices_resumes_on_1(tmp_path, monkeypatch):
       yield batch
 
   monkeypatch.setattr(data, "prefetch_to_device", crashing_prefetch)
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(train.Interrupted):
     train.train_and_evaluate(_config(), str(tmp_path / "moved"))
   monkeypatch.setattr(data, "prefetch_to_device", real_prefetch)
   summary = train.train_and_evaluate(_config(**{"parallel.num_devices": 1}),

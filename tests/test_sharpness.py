@@ -215,7 +215,7 @@ def test_worst_case_on_an_mlp_is_at_least_the_sam_point():
     (lambda: measures.worst_case_sharpness(_least_squares, PARAMS, DUMMY_BATCHES, 0.1, p=1),
      "unknown p 1; choose one of \\[2, inf\\]"),
     (lambda: measures.worst_case_sharpness(_least_squares, PARAMS, DUMMY_BATCHES, -0.1),
-     "rho must be >= 0"),
+     "rho must be a finite number >= 0"),
     (lambda: measures.worst_case_sharpness(_least_squares, PARAMS, DUMMY_BATCHES, 0.1,
                                            num_steps=0), "num_steps must be"),
     (lambda: measures.sam_sharpness(_least_squares, PARAMS, [], 0.1), "batches is empty"),

@@ -71,7 +71,7 @@ def check_model(name: str, **kwargs) -> None:
       raise ValueError(f"model {name!r} has no argument {key!r}; its arguments are {known}")
     if any(v < 1 for v in _integers(value)):
       raise ValueError(f"model {name!r}: {key}={value!r} must hold sizes >= 1")
-    if key.endswith("rate") and not (isinstance(value, (int, float)) and 0 <= value < 1):
+    if "dropout" in key and not (isinstance(value, (int, float)) and 0 <= value < 1):
       raise ValueError(f"model {name!r}: {key}={value!r} must be in [0, 1)")
 
 
