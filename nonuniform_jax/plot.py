@@ -29,6 +29,8 @@ def _define(flag_values: flags.FlagValues) -> None:
   f = dict(flag_values=flag_values)
   flags.DEFINE_string("logdir", None, "A sweep directory (sweep.json) or a folder of runs.", **f)
   flags.DEFINE_string("out", None, "Where the figures and tables go (default: the logdir).", **f)
+  flags.DEFINE_list("measures", None, "Sweeps: the measures NAME/KEY of the scatters and the "
+                    "headline table (default: every measure that varies).", **f)
   flags.DEFINE_string("sharpness", None, "Sweeps: the sharpness measure NAME/KEY that bins "
                       "the models (default lambda_max/lambda_max).", **f)
   flags.DEFINE_string("nonuniformity", None, "Sweeps: the nonuniformity measure NAME/KEY "
@@ -72,8 +74,8 @@ def command(argv) -> int:
   if f.num_resamples < 0:
     cli.fail(f"--num_resamples must be >= 0 (0: no intervals), got {f.num_resamples}")
   try:
-    files = plot(f.logdir, f.out, sharpness=f.sharpness, nonuniformity=f.nonuniformity,
-                 num_resamples=f.num_resamples, seed=f.seed)
+    files = plot(f.logdir, f.out, measures=f.measures, sharpness=f.sharpness,
+                 nonuniformity=f.nonuniformity, num_resamples=f.num_resamples, seed=f.seed)
   except ValueError as e:
     cli.fail(e)
   except KeyboardInterrupt:

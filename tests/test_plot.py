@@ -2,6 +2,7 @@
 file promised; what it cannot plot is refused in one line."""
 
 import csv
+import json
 import os
 import pathlib
 import subprocess
@@ -49,18 +50,19 @@ def test_sweep(tmp_path, capsys):
 
 
 def test_sweep_without_the_measures_of_the_bins_and_wu(tmp_path, capsys):
-  """Only the scatter of the one measure and the tables; the markdown says what is missing."""
-  import json  # pylint: disable=g-import-not-at-top
+  """Only the scatter of the measure chosen and the tables; the markdown says what is
+  missing."""
   analysis_fixtures.write_sweep(str(tmp_path))
   for path in tmp_path.glob("members/*/summary.json"):
     summary = json.loads(path.read_text())
-    summary["measures"] = {k: v for k, v in summary["measures"].items()
-                           if k == "gradient_noise"}
+    summary["measures"] = {k: v for k, v in summary["measures"].items() if k != "lambda_max"}
     path.write_text(json.dumps(summary))
   out = tmp_path / "figures"
-  printed = _run(capsys, f"--logdir={tmp_path}", f"--out={out}", "--num_resamples=0")
+  printed = _run(capsys, f"--logdir={tmp_path}", f"--out={out}", "--num_resamples=0",
+                 "--measures=gradient_noise/trace_sigma")
   _check_files(printed, str(out), ["scatter_gradient_noise-trace_sigma.png", "summary.md",
                                    "summary.csv"])
+  assert "| n/a |" in (out / "summary.md").read_text()   # no resamples, no intervals
   markdown = (out / "summary.md").read_text()
   assert "No within-bin comparison" in markdown and "No Wu's check" in markdown
 
@@ -115,6 +117,8 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
   analysis_fixtures.write_sweep(str(sweep))
   assert "no measure 'hessian_trace/trace'" in _refused(capsys, f"--logdir={sweep}",
                                                         "--sharpness=hessian_trace/trace")
+  assert "no measure 'hessian_trace/trace'" in _refused(capsys, f"--logdir={sweep}",
+                                                        "--measures=hessian_trace/trace")
   assert sorted(os.listdir(tmp_path)) == ["sweep"]
   assert sorted(os.listdir(sweep)) == ["members", "sweep.json"]
 

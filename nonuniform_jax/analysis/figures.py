@@ -178,11 +178,12 @@ HEADLINE = ("measure", "kind", "target", "num_models", "tau", "tau_low", "tau_hi
             "sign_error_worst")
 
 
-def plot_sweep(sweep_dir: str, out: str, *, sharpness: str | None = None,
+def plot_sweep(sweep_dir: str, out: str, *, measures=None, sharpness: str | None = None,
                nonuniformity: str | None = None, num_resamples: int = 1000,
                seed: int = 0) -> list[str]:
-  """The sweep's figures and tables (the module docstring) in ``out``; returns the paths
-  written. Raises ValueError, writing nothing, when no member counts."""
+  """The sweep's figures and tables (the module docstring) in ``out``, for ``measures``
+  (default: every measure that varies); returns the paths written. Raises ValueError, writing
+  nothing, when no member counts or a measure named is not in the table."""
   common = _common()
   table = table_lib.load_table(sweep_dir)
   if not len(table):
@@ -193,7 +194,7 @@ def plot_sweep(sweep_dir: str, out: str, *, sharpness: str | None = None,
                      "nothing to plot")
   sharp = _pick(table, sharpness, "sharpness")
   noisy = _pick(table, nonuniformity, "nonuniformity")
-  head = correlation.summary(table, num_resamples=num_resamples, seed=seed)
+  head = correlation.summary(table, measures, num_resamples=num_resamples, seed=seed)
   os.makedirs(out, exist_ok=True)
   files = []
   gap_rows = {r["measure"]: r for r in head["rows"] if r["target"] == "generalization_gap"}
@@ -392,7 +393,7 @@ def plot_runs(logdir: str, out: str) -> list[str]:
   fig.tight_layout()
   _save(fig, os.path.join(out, "comparison.png"), files)
 
-  lines = [f"# Runs in {logdir}", "", f"{len(runs)} runs.", "",
+  lines = [f"# Runs in {logdir}", "", f"{len(runs)} run{'' if len(runs) == 1 else 's'}.", "",
            common.markdown_table(RUN_COLUMNS, [[_fmt(r[k]) for k in RUN_COLUMNS]
                                                for r in table]),
            "## By dataset and optimizer", "",
