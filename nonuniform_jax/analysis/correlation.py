@@ -46,17 +46,18 @@ def _weighted_tau(sx: np.ndarray, sy: np.ndarray, weights: np.ndarray) -> np.nda
   """τ-b for each row of ``weights`` [B, N] (model multiplicities); NaN where undefined.
   Without ties in x, wᵀ|S_x|w = (Σw)² − Σw², which spares its matrix product."""
   n = sx.shape[0]
-  tied = [s for s in (sx, sy) if np.count_nonzero(s) < n * (n - 1)]
-  matrices = np.concatenate([sx * sy] + [np.abs(s) for s in tied], axis=1)   # [N, kN]
+  tied_x, tied_y = (np.count_nonzero(s) < n * (n - 1) for s in (sx, sy))
+  matrices = np.concatenate(
+      [sx * sy] + [np.abs(s) for s, tied in ((sx, tied_x), (sy, tied_y)) if tied], axis=1)
   out = np.empty(weights.shape[0])
   chunk = max(1, (1 << 22) // matrices.shape[1])
   for start in range(0, weights.shape[0], chunk):
     w = weights[start:start + chunk]
-    products = list(np.einsum("bkn,bn->kb", (w @ matrices).reshape(len(w), -1, n), w))
+    products = iter(np.einsum("bkn,bn->kb", (w @ matrices).reshape(len(w), -1, n), w))
     untied = w.sum(axis=1) ** 2 - (w ** 2).sum(axis=1)
-    num = products.pop(0)
-    dx = products.pop(0) if any(s is sx for s in tied) else untied
-    dy = products.pop(0) if any(s is sy for s in tied) else untied
+    num = next(products)
+    dx = next(products) if tied_x else untied
+    dy = next(products) if tied_y else untied
     with np.errstate(invalid="ignore", divide="ignore"):
       out[start:start + chunk] = np.where(dx * dy > 0, num / np.sqrt(dx * dy), np.nan)
   return out
@@ -169,15 +170,13 @@ def granulated_psi(table: Table, measure: str, target: str = "generalization_gap
     taus = np.asarray(taus)
     entry = {"psi": float(taus.mean()), "low": math.nan, "high": math.nan,
              "num_groups": len(taus), "num_models": members}
-    if num_resamples > 0:
-      sample = taus[rng.integers(0, len(taus), (num_resamples, len(taus)))].mean(axis=1)
-      draws.append(sample if len(taus) >= 2 else None)
-      if len(taus) >= 2:
-        entry["low"], entry["high"] = _interval(sample, level)
+    if num_resamples > 0 and len(taus) >= 2:
+      draws.append(taus[rng.integers(0, len(taus), (num_resamples, len(taus)))].mean(axis=1))
+      entry["low"], entry["high"] = _interval(draws[-1], level)
     per[key] = entry
   out = {"psi": float(np.mean([e["psi"] for e in per.values()])) if per else math.nan,
          "low": math.nan, "high": math.nan, "num_models": len(used), "per_hyperparameter": per}
-  if draws and all(d is not None for d in draws):
+  if per and len(draws) == len(per):   # every ψ_k resampled
     out["low"], out["high"] = _interval(np.mean(draws, axis=0), level)
   return out
 
@@ -245,8 +244,8 @@ def within_sharpness_bins(table: Table, nonuniformity: str = DEFAULT_NONUNIFORMI
   and cut into B = min(num_bins, N // min_size) contiguous quantile bins whose sizes differ by
   at most one, each of at least ``min_size`` models (no bin when N < min_size). Returns
   ``bins`` (each ``low``, ``high`` sharpness, ``size``, ``tau`` and its ``members``' names),
-  ``weighted_tau`` =
-  Σ_b N_b τ_b / Σ_b N_b over the bins where τ_b is defined, and ``num_models``."""
+  ``weighted_tau`` = Σ_b N_b τ_b / Σ_b N_b over the bins where τ_b is defined, and
+  ``num_models``."""
   s, x, y = table.column(sharpness), table.column(nonuniformity), table.column(target)
   rows = np.flatnonzero(np.isfinite(s) & np.isfinite(x) & np.isfinite(y))
   count = min(num_bins, len(rows) // min_size)
