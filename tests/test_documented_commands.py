@@ -163,15 +163,46 @@ def _mock_tfds_if_needed(argv):
     yield
 
 
+PATH_FLAGS = ("--workdir", "--logdir", "--out")
+
+
 def _rewrite_workdirs(argv, tmp: pathlib.Path) -> list[str]:
   out = []
   for i, arg in enumerate(argv):
-    if arg.startswith("--workdir="):
-      arg = "--workdir=" + str(tmp / arg.split("=", 1)[1].strip("/").replace("/", "_"))
-    elif i and argv[i - 1] == "--workdir":
+    flag, eq, value = arg.partition("=")
+    if eq and flag in PATH_FLAGS:
+      arg = f"{flag}=" + str(tmp / value.strip("/").replace("/", "_"))
+    elif i and argv[i - 1] in PATH_FLAGS:
       arg = str(tmp / arg.strip("/").replace("/", "_"))
     out.append(arg)
   return out
+
+
+def _flag(argv, name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(name + "="):
+      return arg.split("=", 1)[1]
+    if arg == name and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _make_logdir(argv, tmp: pathlib.Path) -> None:
+  """A plot command plots what an earlier documented command made. When that has not run
+  (the test run alone, ``-k plot``), run it first: the documented training command whose
+  --workdir is the plot's --logdir."""
+  logdir = _flag(argv, "--logdir")
+  if logdir is None or os.path.exists(logdir):
+    return
+  from nonuniform_jax import main  # pylint: disable=g-import-not-at-top
+  for _, command in COMMANDS:
+    words = shlex.split(command) if not command.startswith("PYTHON:") else []
+    if words[:3] in (["python", "-m", "nonuniform_jax.main"],
+                     [".venv/bin/python", "-m", "nonuniform_jax.main"]):
+      args = _rewrite_workdirs(["nonuniform_jax.main", *words[3:]], tmp)
+      if _flag(args, "--workdir") == logdir:
+        assert main.command(args + _tiny(args)) == 0, command
+        return
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +242,9 @@ def test_documented_command_runs(where, command, workdirs, monkeypatch, capsys):
     module = words[2].split(".", 1)[1]
     argv = _rewrite_workdirs([f"nonuniform_jax.{module}", *words[3:]], workdirs)
     if "--help" in argv:
-      from nonuniform_jax import main, measure  # pylint: disable=g-import-not-at-top
+      from nonuniform_jax import main, measure, plot  # pylint: disable=g-import-not-at-top
       with pytest.raises(SystemExit) as info:
-        {"main": main, "measure": measure}[module].command(argv)
+        {"main": main, "measure": measure, "plot": plot}[module].command(argv)
       assert info.value.code == 0 and "usage" in capsys.readouterr().out.lower()
       return
     if module == "main":
@@ -235,6 +266,13 @@ def test_documented_command_runs(where, command, workdirs, monkeypatch, capsys):
       from nonuniform_jax import measure  # pylint: disable=g-import-not-at-top
       status = measure.command(argv)
       assert status == 0 and "measure/" in capsys.readouterr().out
+    elif module == "plot":
+      from nonuniform_jax import plot  # pylint: disable=g-import-not-at-top
+      _make_logdir(argv, workdirs)
+      capsys.readouterr()
+      assert plot.command(argv) == 0, (where, command)
+      written = capsys.readouterr().out.split()
+      assert written and all(os.path.exists(p) for p in written), written
     else:
       pytest.fail(f"{where}: no way to run {command!r}")
     return
