@@ -75,7 +75,7 @@ def _measure() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from nonuniform_jax import parallel, steps, train  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import plan, train  # pylint: disable=g-import-not-at-top
 
   out = {}
   for name, (overrides, _, _) in CASES.items():
@@ -83,19 +83,13 @@ def _measure() -> dict:
     for key, value in overrides.items():
       section, field = key.split(".")
       config[section][field] = value
-    settings = train.check_config(config)
-    run = train.build(config, settings)
-    step = steps.make_train_step(run.model, run.tx, seed=0, l2=run.l2, passes=run.passes,
-                                 groups=settings["forward_groups"],
-                                 grouped_perturbation=settings["sam_groups"] > 1,
-                                 bn_policy=config.sam.bn_policy,
-                                 extra_args=train.family_extra_args(config))
+    p = plan.read(config)
+    run = train.build(p)
+    step = train.jit_train_step(p, run)
     batch = {"inputs": jnp.zeros((config.batch_size,) + tuple(run.datasets.input_shape)),
              "labels": jnp.zeros((config.batch_size,), jnp.int32)}
-    compiled = jax.jit(step, in_shardings=(run.state_sharding,
-                                           parallel.batch_sharding(run.mesh)),
-                       out_shardings=(run.state_sharding, parallel.replicated(run.mesh)),
-                       ).lower(run.state, batch).compile()
+    # K-FAC's statistics schedule traced (None): both branches are compiled and counted apart.
+    compiled = step.lower(run.state, batch, None).compile()
     hlo = compiled.as_text()
     out[name] = {"cheapest": collective_bytes(hlo, branch=min),
                  "dearest": collective_bytes(hlo, branch=max),

@@ -129,7 +129,8 @@ class Checkpoints:
     with _quiet_failures():
       try:
         if (step_dir / "default").exists():   # written before checkpoints carried meta
-          state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+          # (read apart from the manager, which would then refuse to save composites)
+          state = ocp.StandardCheckpointer().restore(step_dir / "default", abstract)
           return Restored(step, state, None)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))

@@ -1,71 +1,95 @@
 """Measures as evaluators: the library's sharpness and nonuniformity measures run on a trained
 model, on a fixed training subset, with a stated BatchNorm mode.
 
-Used by the trainer (on a schedule and at the end of a run) and by the ``measure`` command (on
-a finished run's checkpoint). Knows models and batches, not configs: the caller passes names
-and settings.
+Used by the trainer (each measure on its own schedule and at the end of a run) and by the
+``measure`` command (on a finished run's checkpoint). Knows an ``Objective`` and batches, not
+configs: the caller passes names and settings. Each evaluator is declared below with what it
+takes from the Objective; nothing is discovered by reflection at run time.
 """
 
+import dataclasses
 import inspect
 import time
 import zlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.tree_util import Partial
 
 from nonuniform_jax import measures
-from nonuniform_jax.models import layers
+from nonuniform_jax.objective import Objective
 
-# name -> measure function (nonuniform_jax.measures). Each takes (loss_fn, params, batches, ...),
-# or capture_loss_fn first for those built on one capture pass (kfac_structure, diagnostics);
-# the evaluator passes the keyword arguments it accepts among: key, per_example_loss_fn,
-# metric_fn, capture_loss_fn, perturbations_fn, num_classes.
-MEASURES = {
-    "lambda_max": measures.lambda_max,
-    "top_eigenvalues": measures.top_eigenvalues,
-    "hessian_trace": measures.hessian_trace,
-    "hessian_esd": measures.hessian_esd,
-    "sam_sharpness": measures.sam_sharpness,
-    "worst_case_sharpness": measures.worst_case_sharpness,
-    "average_sharpness": measures.average_sharpness,
-    "pacbayes_flatness": measures.pacbayes_flatness,
-    "gradient_noise": measures.gradient_noise,
-    "batch_gradient_noise": measures.batch_gradient_noise,
-    "wu_nonuniformity": measures.wu_nonuniformity,
-    "kfac_structure": measures.kfac_structure,
-    "diagnostics": measures.nonuniformity_diagnostics,
+# What an evaluator can be handed besides ``params`` and ``batches``: the Objective's measure
+# functions (``Objective.measure_functions``), a key, the number of classes.
+INPUTS = ("loss_fn", "capture_loss_fn", "per_example_loss_fn", "metric_fn", "perturbations_fn",
+          "key", "num_classes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """A measure ``fn(first, params, batches, **keywords, **settings)``.
+
+  first: the Objective function it takes first ('loss_fn', or 'capture_loss_fn' for those built
+    on one capture pass); keywords: what else it takes, from ``INPUTS``; required: settings
+    without defaults, which the config must give; per_example: built on per-example gradients
+    or Hessians (meaningless with BatchNorm in 'batch' mode: one example's own statistics).
+  """
+  fn: Callable
+  first: str = "loss_fn"
+  keywords: tuple[str, ...] = ()
+  required: tuple[str, ...] = ()
+  per_example: bool = False
+
+  @property
+  def settings(self) -> list[str]:
+    """The settings it accepts (its other parameters)."""
+    taken = {self.first, "params", "batches", *self.keywords}
+    return [p for p in inspect.signature(self.fn).parameters if p not in taken]
+
+
+_CAPTURE = ("perturbations_fn", "key")
+EVALUATORS = {
+    "lambda_max": Evaluator(measures.lambda_max, keywords=("key",)),
+    "top_eigenvalues": Evaluator(measures.top_eigenvalues, keywords=("key",), required=("k",)),
+    "hessian_trace": Evaluator(measures.hessian_trace, keywords=("key",)),
+    "hessian_esd": Evaluator(measures.hessian_esd, keywords=("key",)),
+    "sam_sharpness": Evaluator(measures.sam_sharpness, required=("rho",)),
+    "worst_case_sharpness": Evaluator(measures.worst_case_sharpness, keywords=("key",),
+                                      required=("rho",)),
+    "average_sharpness": Evaluator(measures.average_sharpness, keywords=("key",),
+                                   required=("rho",)),
+    "pacbayes_flatness": Evaluator(measures.pacbayes_flatness, keywords=("metric_fn", "key")),
+    "gradient_noise": Evaluator(measures.gradient_noise, keywords=(
+        "per_example_loss_fn", "capture_loss_fn", "perturbations_fn", "key"), per_example=True),
+    "batch_gradient_noise": Evaluator(measures.batch_gradient_noise, keywords=(
+        "key", "per_example_loss_fn"), required=("batch_size",), per_example=True),
+    "wu_nonuniformity": Evaluator(measures.wu_nonuniformity, keywords=(
+        "key", "per_example_loss_fn"), per_example=True),
+    "kfac_structure": Evaluator(measures.kfac_structure, first="capture_loss_fn",
+                                keywords=_CAPTURE, per_example=True),
+    "diagnostics": Evaluator(measures.nonuniformity_diagnostics, first="capture_loss_fn",
+                             keywords=_CAPTURE + ("num_classes",)),
 }
+MEASURES = {name: e.fn for name, e in EVALUATORS.items()}
 # What ``measure_nonuniformity=True`` adds: the paper's central quantities.
 NONUNIFORMITY = ("gradient_noise", "batch_gradient_noise", "wu_nonuniformity", "kfac_structure",
                  "diagnostics")
 BN_MODES = ("running", "batch")
-# Measures built on per-example gradients or Hessians: meaningless with BatchNorm in 'batch'
-# mode (one example's own statistics), so a run refuses that combination.
-PER_EXAMPLE = ("gradient_noise", "batch_gradient_noise", "wu_nonuniformity", "kfac_structure")
-# Arguments without defaults that the settings must supply.
-_REQUIRED = {"top_eigenvalues": ("k",), "sam_sharpness": ("rho",),
-             "worst_case_sharpness": ("rho",), "average_sharpness": ("rho",),
-             "batch_gradient_noise": ("batch_size",)}
+PER_EXAMPLE = tuple(name for name, e in EVALUATORS.items() if e.per_example)
 
 
 def check(names: Sequence[str], settings: dict, bn_mode: str) -> None:
   """Validates measure names, their settings and the BatchNorm mode (no computation)."""
   for name in names:
-    if name not in MEASURES:
-      raise ValueError(f"unknown measure {name!r}; choose one of {sorted(MEASURES)}")
-    params = inspect.signature(MEASURES[name]).parameters
-    given = settings.get(name, {})
+    if name not in EVALUATORS:
+      raise ValueError(f"unknown measure {name!r}; choose one of {sorted(EVALUATORS)}")
+    evaluator, given = EVALUATORS[name], settings.get(name, {})
     for key in given:
-      fixed = ("loss_fn", "capture_loss_fn", "params", "batches", "key", "per_example_loss_fn",
-               "metric_fn", "perturbations_fn")
-      if key not in params or key in fixed:
-        allowed = [p for p in params if p not in fixed]
-        raise ValueError(f"measure {name!r} has no setting {key!r}; its settings are {allowed}")
-    for key in _REQUIRED.get(name, ()):
+      if key not in evaluator.settings:
+        raise ValueError(f"measure {name!r} has no setting {key!r}; its settings are "
+                         f"{evaluator.settings + ['every_steps']}")
+    for key in evaluator.required:
       if key not in given:
         raise ValueError(f"measure {name!r} needs the setting {key!r} "
                          f"(e.g. --config.measures.settings.{name}.{key}=...)")
@@ -86,78 +110,6 @@ def subset_batches(source, num_examples: int, batch_size: int) -> list:
                 "labels": np.asarray(batch["labels"][:keep])})
     taken += keep
   return out
-
-
-# (id(model), train) -> (model, the plain functions of ``_plain_functions``). Kept for the
-# process: a run's model is one object, so every evaluation reuses the same functions.
-_FUNCTIONS: dict = {}
-
-
-def _plain_functions(model, train: bool) -> dict:
-  """The loss functions of ``model`` with the BatchNorm statistics as their first argument.
-
-  Built once per (model, mode): the measures jit on the function's identity and trace its
-  arguments, so evaluations at later steps (new parameters, new statistics) reuse their
-  compilations instead of tracing and compiling every measure again.
-  """
-  key = (id(model), train)
-  if key in _FUNCTIONS and _FUNCTIONS[key][0] is model:
-    return _FUNCTIONS[key][1]
-
-  def variables(batch_stats, params, **extra):
-    v = {"params": params, **extra}
-    if batch_stats:
-      v["batch_stats"] = batch_stats
-    return v
-
-  def logits_of(batch_stats, params, x):
-    if train and batch_stats:
-      return model.apply(variables(batch_stats, params), x, train=True,
-                         mutable=["batch_stats"])[0]
-    return model.apply(variables(batch_stats, params), x, train=False)
-
-  def per_example_loss_fn(batch_stats, params, batch):
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits_of(batch_stats, params, batch["inputs"]).astype(jnp.float32), batch["labels"])
-
-  def loss_fn(batch_stats, params, batch):
-    return jnp.mean(per_example_loss_fn(batch_stats, params, batch))
-
-  def metric_fn(batch_stats, params, batch):
-    return jnp.mean(jnp.argmax(logits_of(batch_stats, params, batch["inputs"]), -1)
-                    == batch["labels"])
-
-  def capture_loss_fn(batch_stats, params, perturbations, batch):
-    bn_train = train and bool(batch_stats)
-    logits, state = model.apply(variables(batch_stats, params, perturbations=perturbations),
-                                batch["inputs"], train=bn_train,
-                                mutable=["kfac"] + (["batch_stats"] if bn_train else []))
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                             batch["labels"])
-    return losses, state["kfac"]
-
-  def perturbations_fn(batch_stats, params, batch):   # shapes only: jax.eval_shape inside
-    return layers.zero_perturbations(model, variables(batch_stats, params), batch["inputs"],
-                                     train=train and bool(batch_stats))
-
-  fns = {"loss_fn": loss_fn, "per_example_loss_fn": per_example_loss_fn,
-         "metric_fn": metric_fn, "capture_loss_fn": capture_loss_fn,
-         "perturbations_fn": perturbations_fn}
-  _FUNCTIONS[key] = (model, fns)
-  return fns
-
-
-def loss_functions(model, batch_stats, bn_mode: str) -> dict:
-  """Loss, per-example loss, accuracy and capture functions of ``params`` for the measures.
-
-  ``bn_mode='running'`` normalises with the running averages (evaluation mode);
-  ``'batch'`` with each batch's own statistics (training mode, running averages untouched).
-  Dropout is off in both. Each is a ``jax.tree_util.Partial`` over ``batch_stats``: new
-  statistics are traced arguments, so the measures do not recompile when they change.
-  ``perturbations_fn`` takes ``(params, batch)``.
-  """
-  fns = _plain_functions(model, bn_mode == "batch")
-  return {name: Partial(fn, batch_stats) for name, fn in fns.items()}
 
 
 def _jsonable(value) -> Any:
@@ -195,34 +147,33 @@ def scalars(results: dict) -> dict:
   return out
 
 
-def run(names: Sequence[str], settings: dict, model, params, batch_stats, batches: list, *,
-        bn_mode: str = "running", seed: int = 0, num_classes: int | None = None) -> dict:
+def run(names: Sequence[str], settings: dict, objective: Objective, params, batch_stats,
+        batches: list, *, bn_mode: str = "running", seed: int = 0,
+        num_classes: int | None = None) -> dict:
   """Computes each measure in ``names`` at ``params``; returns {name: JSON-able result} with
   the settings used (the measure's own, plus subset size, BatchNorm mode, seed, seconds).
+  ``objective`` is an ``Objective`` (or a Flax model, wrapped in one).
 
   A measure that draws takes the key ``fold_in(key(seed), crc32(name))``: its draws depend on
   its name and the seed, not on which other measures run or in what order."""
-  fns = loss_functions(model, batch_stats, bn_mode)
+  if not isinstance(objective, Objective):
+    objective = Objective(objective)
+  available = objective.measure_functions(batch_stats, bn_mode)
   # The measures call perturbations_fn(batch); its parameters are traced arguments too.
-  perturbations_fn = Partial(_plain_functions(model, bn_mode == "batch")["perturbations_fn"],
-                             batch_stats, params)
-  available = {**fns, "perturbations_fn": perturbations_fn, "num_classes": num_classes}
+  available["perturbations_fn"] = Partial(available["perturbations_fn"], params)
+  available["num_classes"] = num_classes
   results = {}
   for name in names:
-    fn = MEASURES[name]
-    accepted = inspect.signature(fn).parameters
-    first = next(iter(accepted))   # loss_fn, or capture_loss_fn for the K-FAC measures
-    kwargs = {k: v for k, v in available.items()
-              if k in accepted and k != first and v is not None}
-    if "key" in accepted:
+    evaluator = EVALUATORS[name]
+    kwargs = {k: available[k] for k in evaluator.keywords if k != "key"
+              and available.get(k) is not None}
+    if "key" in evaluator.keywords:
       kwargs["key"] = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
     kwargs.update(settings.get(name, {}))
     start = time.time()
-    result = fn(fns[first], params, batches, **kwargs)
-    result = _jsonable(result)
+    result = _jsonable(evaluator.fn(available[evaluator.first], params, batches, **kwargs))
     result.update({"num_examples": sum(len(b["labels"]) for b in batches),
                    "subset_batch_size": max(len(b["labels"]) for b in batches),
-                   "bn_mode": bn_mode,
-                   "seed": seed, "seconds": time.time() - start})
+                   "bn_mode": bn_mode, "seed": seed, "seconds": time.time() - start})
     results[name] = result
   return results

@@ -35,8 +35,8 @@ def measure(workdir: str, names, *, nonuniformity=False, num_examples=None, batc
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from nonuniform_jax import (checkpoints, evaluators, train,  # pylint: disable=g-import-not-at-top
-                              workdir as wd)
+  from nonuniform_jax import (checkpoints, evaluators,  # pylint: disable=g-import-not-at-top
+                              plan as plan_lib, train, workdir as wd)
 
   config_path = os.path.join(workdir, wd.CONFIG_FILE)
   recorded = (wd.read_json(config_path) if os.path.exists(config_path) else
@@ -63,19 +63,18 @@ def measure(workdir: str, names, *, nonuniformity=False, num_examples=None, batc
     except json.JSONDecodeError:
       raise ValueError(f"--set {item!r}: {value!r} is not a JSON value (numbers as 200 or 0.1, "
                        "strings in double quotes, true/false)") from None
-  settings = train.check_config(config)
-  chosen = train.measure_names(config)
-  if not chosen:
-    raise ValueError(f"no measure chosen; pass --measures from {sorted(evaluators.MEASURES)} "
+  plan = plan_lib.read(config)
+  if not plan.measures.items:
+    raise ValueError(f"no measure chosen; pass --measures from {sorted(evaluators.EVALUATORS)} "
                      "or --nonuniformity")
   wd.check_free(workdir)
-  ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+  ckpts = checkpoints.Checkpoints(workdir, plan.keep_checkpoints)
   available = ckpts.steps()
   if step is not None and step not in available:
     raise ValueError(f"no checkpoint at step {step!r} in {workdir}; saved steps: {available}")
   if not available:
     raise ValueError(f"no checkpoint in {workdir} to measure (the run saved none yet)")
-  run = train.build(config, settings)
+  run = train.build(plan)
   with train.owned(workdir):
     if step is None:
       restored = ckpts.restore_latest(run.state)
@@ -84,12 +83,11 @@ def measure(workdir: str, names, *, nonuniformity=False, num_examples=None, batc
     else:
       restored = ckpts.restore(step, run.state)
     step, state = restored.step, restored.state
-    batches = evaluators.subset_batches(run.datasets.train_eval, config.measures.num_examples,
-                                        config.measures.batch_size)
-    results = evaluators.run(chosen, train.measure_settings(config, chosen), run.model,
-                             state.params, state.batch_stats, batches,
-                             bn_mode=config.measures.bn_mode, seed=config.measures.seed,
-                             num_classes=run.datasets.num_classes)
+    m = plan.measures
+    batches = evaluators.subset_batches(run.datasets.train_eval, m.num_examples, m.batch_size)
+    results = evaluators.run(m.names, {x.name: x.settings for x in m.items}, run.objective,
+                             state.params, state.batch_stats, batches, bn_mode=m.bn_mode,
+                             seed=m.seed, num_classes=run.datasets.num_classes)
     if jax.process_index() == 0:
       path = os.path.join(workdir, wd.MEASURES_FILE)
       text = open(path).read() if os.path.exists(path) else ""

@@ -1,5 +1,5 @@
-"""The jitted train and evaluation steps, built from a model, an Optax transformation and a few
-explicit settings (no configs here).
+"""The jitted train and evaluation steps, built from an ``Objective`` (or a Flax model), an Optax
+transformation and a few explicit settings (no configs here).
 
 One train step evaluates the gradient of the minibatch loss once per pass the optimizer needs
 (SGD 1, SAM 2, CSAM 3) and never runs an extra forward pass. BatchNorm running statistics come
@@ -14,10 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nonuniform_jax.models import layers
+from nonuniform_jax import checks
+from nonuniform_jax.objective import Objective, cross_entropy
 from nonuniform_jax.optim import kfac
 
 BN_POLICIES = ("clean", "every_pass")
+EXTRA_ARGS = ("kfac_factors", "per_example_grads", "per_example_loss_fn")
+per_example_cross_entropy = cross_entropy   # the name the step's users know
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -27,40 +30,12 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
-def per_example_cross_entropy(logits, labels, label_smoothing: float = 0.0):
-  """Cross-entropy of each example, [b], with optional label smoothing."""
-  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-  if label_smoothing > 0:
-    one_hot = optax.smooth_labels(one_hot, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot)
-
-
-def l2_penalty(params) -> jax.Array:
-  return 0.5 * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
-
-
-def make_loss_fn(model, *, label_smoothing: float = 0.0, l2: float = 0.0, train: bool = True):
-  """``loss_fn(params, batch_stats, batch, dropout_key) -> (mean loss, (logits, batch_stats))``.
-
-  ``l2 > 0`` adds ``l2/2·‖θ‖²`` to the loss (weight decay inside the loss, as original SAM).
-  """
-  def loss_fn(params, batch_stats, batch, dropout_key):
-    variables = {"params": params}
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-    if train and batch_stats:
-      logits, updated = model.apply(variables, batch["inputs"], train=True,
-                                    rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-      new_stats = updated["batch_stats"]
-    else:
-      logits = model.apply(variables, batch["inputs"], train=train, rngs={"dropout": dropout_key})
-      new_stats = batch_stats
-    loss = jnp.mean(per_example_cross_entropy(logits, batch["labels"], label_smoothing))
-    if l2 > 0:
-      loss = loss + l2 * l2_penalty(params)
-    return loss, (logits, new_stats)
-
-  return loss_fn
+def _objective(model_or_objective, label_smoothing: float, l2: float) -> Objective:
+  if isinstance(model_or_objective, Objective):
+    if label_smoothing or l2:
+      raise ValueError("label_smoothing and l2 belong to the Objective; pass them to it")
+    return model_or_objective
+  return Objective(model_or_objective, label_smoothing=label_smoothing, l2=l2)
 
 
 def _group(batch, groups: int):
@@ -69,6 +44,42 @@ def _group(batch, groups: int):
 
 def _mean0(tree):
   return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+class PerturbedPasses:
+  """``grad_fn`` for a SAM-family transformation: the gradient of the same minibatch loss at
+  other parameters, with the BatchNorm statistics of each pass kept in ``statistics`` (first the
+  clean pass's), in the order the transformation calls it (at the top level of its update).
+
+  BatchNorm normalises with the batch's own statistics in every pass; only the running averages
+  differ by policy: under 'every_pass' each pass starts from the statistics the previous one
+  produced, and the step keeps the last.
+  """
+
+  def __init__(self, objective: Objective, clean_statistics, batch, key, *, groups: int,
+               grouped_perturbation: bool, gbatch=None, gkeys=None):
+    self.statistics = [clean_statistics]
+    self._objective, self._batch, self._key = objective, batch, key
+    self._groups, self._grouped = groups, grouped_perturbation
+    self._gbatch, self._gkeys = gbatch, gkeys
+
+  def _grad(self, params, batch_stats, batch, key):
+    g, (_, new_stats) = jax.grad(self._objective.train_loss, has_aux=True)(params, batch_stats,
+                                                                           batch, key)
+    return g, new_stats
+
+  def __call__(self, params):
+    if self._groups > 1:
+      axis = 0 if self._grouped else None
+      g, new_stats = jax.vmap(self._grad, in_axes=(axis, None, 0, 0))(
+          params, self.statistics[-1], self._gbatch, self._gkeys)
+      new_stats = _mean0(new_stats)
+      if not self._grouped:
+        g = _mean0(g)
+    else:
+      g, new_stats = self._grad(params, self.statistics[-1], self._batch, self._key)
+    self.statistics.append(new_stats)
+    return g
 
 
 def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: float = 0.0,
@@ -86,7 +97,8 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
   (``kfac.update_state``; all of them with the default equal periods).
 
   Args:
-    model: a Flax module called as ``model.apply(variables, x, train=...)``.
+    model: an ``objective.Objective``, or a Flax module (then ``label_smoothing`` and ``l2``
+      build its Objective: ``l2 > 0`` adds ``l2/2·‖θ‖²`` to the loss, as original SAM).
     tx: an Optax transformation. With ``passes > 1`` it is a SAM-family transformation whose
       update takes ``grad_fn`` (the gradient of the same minibatch loss at other parameters).
     seed: dropout keys are ``fold_in(key(seed), step)`` (one per step, shared by all passes).
@@ -107,136 +119,71 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
     raise ValueError(f"unknown extra_args {sorted(unknown)}; choose from {list(EXTRA_ARGS)}")
   if extra_args and groups > 1:
     raise ValueError(f"{list(extra_args)} need the whole batch in one group, got {groups}")
-  if bn_policy not in BN_POLICIES:
-    raise ValueError(f"unknown bn_policy {bn_policy!r}; choose one of {list(BN_POLICIES)}")
-  loss_fn = make_loss_fn(model, label_smoothing=label_smoothing, l2=l2)
-  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  checks.choice("bn_policy", bn_policy, BN_POLICIES)
+  objective = _objective(model, label_smoothing, l2)
+  value_and_grad = jax.value_and_grad(objective.train_loss, has_aux=True)
   base_key = jax.random.key(seed)
+
+  def clean_pass(state, batch, key, kfac_due):
+    """(loss, logits, statistics, gradient, factors or None, the grouped batch and keys)."""
+    if groups > 1:
+      gbatch, gkeys = _group(batch, groups), jax.random.split(key, groups)
+      (losses, (logits, stats)), grads = jax.vmap(value_and_grad, in_axes=(None, None, 0, 0))(
+          state.params, state.batch_stats, gbatch, gkeys)
+      grads = grads if grouped_perturbation else _mean0(grads)
+      return (jnp.mean(losses), logits.reshape((-1,) + logits.shape[2:]), _mean0(stats), grads,
+              None, gbatch, gkeys)
+    if "kfac_factors" in extra_args:
+      out = kfac.loss_grad_and_factors(
+          objective.train_captures, state.params,
+          objective.zero_perturbations(state.params, state.batch_stats, batch["inputs"], key),
+          state.batch_stats, batch, key,
+          due=kfac.stats_due(state.opt_state) if kfac_due is None else bool(kfac_due),
+          has_aux=True)
+      return out.loss, out.aux[0], out.aux[1], out.grads, out.factors, None, None
+    (loss, (logits, stats)), grads = value_and_grad(state.params, state.batch_stats, batch, key)
+    return loss, logits, stats, grads, None, None, None
+
+  def per_example(state, batch, key) -> dict:
+    """Per-example losses and gradients: each example a batch of one (models without
+    BatchNorm, whose examples do not interact)."""
+    def example_loss(params, example):
+      return objective.train_loss(params, state.batch_stats,
+                                  jax.tree.map(lambda x: x[None], example), key)[0]
+    out = {}
+    if "per_example_grads" in extra_args:
+      out["per_example_grads"] = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(
+          state.params, batch)
+    if "per_example_loss_fn" in extra_args:
+      out["per_example_loss_fn"] = jax.vmap(example_loss, in_axes=(None, 0))
+      out["batch"] = batch
+    return out
 
   def train_step(state: TrainState, batch, kfac_due: bool | None = None):
     key = jax.random.fold_in(base_key, state.step)
-    if groups > 1:
-      gbatch = _group(batch, groups)
-      gkeys = jax.random.split(key, groups)
-      (losses, (logits, stats)), grads = jax.vmap(
-          value_and_grad, in_axes=(None, None, 0, 0))(state.params, state.batch_stats, gbatch,
-                                                      gkeys)
-      loss, stats = jnp.mean(losses), _mean0(stats)
-      logits = logits.reshape((-1,) + logits.shape[2:])
-      if not grouped_perturbation:
-        grads = _mean0(grads)
-    elif "kfac_factors" in extra_args:
-      out = kfac.loss_grad_and_factors(
-          _capturing_loss(model, label_smoothing, l2), state.params,
-          _zero_perturbations(model, state, batch, key), state.batch_stats, batch, key,
-          due=kfac.stats_due(state.opt_state) if kfac_due is None else bool(kfac_due),
-          has_aux=True)
-      loss, grads, (logits, stats) = out.loss, out.grads, out.aux
-    else:
-      (loss, (logits, stats)), grads = value_and_grad(state.params, state.batch_stats, batch,
-                                                      key)
-    extra = {}
-    if "kfac_factors" in extra_args:
-      extra["kfac_factors"] = out.factors
+    loss, logits, stats, grads, factors, gbatch, gkeys = clean_pass(state, batch, key, kfac_due)
+    extra = per_example(state, batch, key)
+    if factors is not None:
+      extra["kfac_factors"] = factors
       if kfac_due is not None:   # the factor update too is chosen while tracing
         extra["kfac_due"] = bool(kfac_due)
-    # Per-example losses: each example on its own (models without BatchNorm, whose examples
-    # do not interact).
-    def example_loss(params, example):
-      return loss_fn(params, state.batch_stats, jax.tree.map(lambda x: x[None], example), key)[0]
-
-    if "per_example_grads" in extra_args:
-      extra["per_example_grads"] = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(
-          state.params, batch)
-    if "per_example_loss_fn" in extra_args:
-      extra["per_example_loss_fn"] = jax.vmap(example_loss, in_axes=(None, 0))
-      extra["batch"] = batch
     if passes > 1:
-      # Perturbed passes: BatchNorm normalises with the batch's own statistics in every pass;
-      # only the running averages differ by policy. Under 'every_pass' each pass starts from the
-      # running statistics the previous pass produced, which the chain below threads through
-      # (the transformation calls grad_fn at the top level of its update, in order).
-      chain = [stats]
-
-      def one_grad(params, batch_stats, b, k):
-        g, (_, new_stats) = jax.grad(loss_fn, has_aux=True)(params, batch_stats, b, k)
-        return g, new_stats
-
-      def grad_fn(params):
-        if groups > 1:
-          axis = 0 if grouped_perturbation else None
-          g, new_stats = jax.vmap(one_grad, in_axes=(axis, None, 0, 0))(params, chain[-1],
-                                                                       gbatch, gkeys)
-          new_stats = _mean0(new_stats)
-          if not grouped_perturbation:
-            g = _mean0(g)
-        else:
-          g, new_stats = one_grad(params, chain[-1], batch, key)
-        chain.append(new_stats)
-        return g
-
-      extra["grad_fn"] = grad_fn
+      extra["grad_fn"] = PerturbedPasses(objective, stats, batch, key, groups=groups,
+                                         grouped_perturbation=grouped_perturbation,
+                                         gbatch=gbatch, gkeys=gkeys)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     if passes > 1 and bn_policy == "every_pass":
-      stats = chain[-1]
-    params = optax.apply_updates(state.params, updates)
+      stats = extra["grad_fn"].statistics[-1]
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              batch_stats=stats, opt_state=opt_state)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
-                              opt_state=opt_state)
     return new_state, {"train_loss": loss, "train_accuracy": accuracy}
 
   return train_step
 
 
-EXTRA_ARGS = ("kfac_factors", "per_example_grads", "per_example_loss_fn")
-
-
-def _capturing_loss(model, label_smoothing: float, l2: float):
-  """Per-example losses with the K-FAC captures (``kfac.loss_grad_and_factors``'s form):
-  ``(params, perturbations, batch_stats, batch, key) -> (losses, kfac, (logits, stats))``."""
-  def fn(params, perturbations, batch_stats, batch, key):
-    variables = {"params": params, "perturbations": perturbations}
-    mutable = ["kfac"] + (["batch_stats"] if batch_stats else [])
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-    logits, state = model.apply(variables, batch["inputs"], train=True, rngs={"dropout": key},
-                                mutable=mutable)
-    losses = per_example_cross_entropy(logits, batch["labels"], label_smoothing)
-    if l2 > 0:
-      losses = losses + l2 * l2_penalty(params)
-    return losses, state["kfac"], (logits, state.get("batch_stats", batch_stats))
-  return fn
-
-
-def _zero_perturbations(model, state, batch, key):
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  return layers.zero_perturbations(model, variables, batch["inputs"], train=True,
-                                   rngs={"dropout": key})
-
-
 def make_eval_step(model) -> Callable:
-  """Returns ``eval_step(params, batch_stats, batch) -> sums`` over the real (mask 1) examples:
-  loss (plain cross-entropy, no smoothing), correct predictions and count; with a ``noisy``
-  field (1 where the label was flipped) also the correct predictions and count on the noisy
-  part, and with ``clean_labels`` the noisy part's predictions that match the true labels."""
-  loss_fn = make_loss_fn(model, train=False)
-
-  def eval_step(params, batch_stats, batch):
-    _, (logits, _) = loss_fn(params, batch_stats, batch, jax.random.key(0))
-    mask = batch["mask"]
-    losses = per_example_cross_entropy(logits, batch["labels"])
-    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-    sums = {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-            "count": jnp.sum(mask)}
-    if "noisy" in batch:
-      noisy = batch["noisy"] * mask
-      sums["noisy_correct"] = jnp.sum(correct * noisy)
-      sums["noisy_count"] = jnp.sum(noisy)
-      if "clean_labels" in batch:
-        true = (jnp.argmax(logits, -1) == batch["clean_labels"]).astype(jnp.float32)
-        sums["noisy_true_correct"] = jnp.sum(true * noisy)
-    return sums
-
-  return eval_step
+  """Returns ``eval_step(params, batch_stats, batch) -> sums`` (``Objective.eval_sums``) of an
+  Objective or a Flax model."""
+  return _objective(model, 0.0, 0.0).eval_sums

@@ -43,7 +43,10 @@ def install(fault: str) -> None:
           if kind == "kill_at_step":
             _kill()
           print("holding", flush=True)
-          time.sleep(600)
+          # In short sleeps, as a training loop returns to Python between steps: a signal that
+          # the kernel hands to another thread is acted on at the main thread's next bytecode.
+          for _ in range(6000):
+            time.sleep(0.1)
         yield batch
     data.prefetch_to_device = prefetch
   elif kind in ("kill_in_save", "disk_full_in_save"):

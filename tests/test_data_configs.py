@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from nonuniform_jax import train
+from nonuniform_jax import plan
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # file -> (variants to load, dataset, model of the full config)
@@ -44,7 +44,7 @@ def test_config_loads_and_passes_checks(name, monkeypatch, tmp_path):
       assert 0 < config.num_steps <= 200
       # A seeded subset of ImageNet costs passes over its 140 GB: its laptop run streams.
       assert (config.num_train_examples > 0) == (dataset != "imagenet2012")
-    train.check_config(config)
+    plan.read(config)
     doc = (CONFIGS / f"{name}.py").read_text().split('"""')[1]
     assert f"--config configs/{name}.py" in doc and "laptop" in doc
 
@@ -59,7 +59,7 @@ def test_paper_cifar_setting(monkeypatch, tmp_path):
   noisy100 = load("cifar10_label_noise", "asymmetric,0.2,cifar100,laptop", monkeypatch, tmp_path)
   assert (noisy100.dataset, noisy100.label_noise.kind, noisy100.label_noise.rate) == (
       "cifar100", "asymmetric", 0.2)
-  train.check_config(noisy100)
+  plan.read(noisy100)
   with pytest.raises(ValueError, match="unknown config variant"):
     load("cifar10_resnet20", "laptp", monkeypatch, tmp_path)
   with pytest.raises(ValueError, match="more than one"):

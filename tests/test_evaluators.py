@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from nonuniform_jax.objective import Objective
 from nonuniform_jax import evaluators, measure, measures, models, train
 from tests.test_train import read_lines, small_config
 
@@ -77,7 +78,7 @@ def test_evaluator_matches_direct_call_on_the_same_model():
   params = model.init(jax.random.key(0), batches[0]["inputs"])["params"]
   got = evaluators.run(["hessian_trace"], {"hessian_trace": {"num_probes": 5}}, model, params,
                        {}, batches, seed=3)
-  fns = evaluators.loss_functions(model, {}, "running")
+  fns = Objective(model).measure_functions({}, "running")
   want = measures.hessian_trace(fns["loss_fn"], params, batches, num_probes=5,
                                 key=jax.random.fold_in(jax.random.key(3),
                                                        zlib.crc32(b"hessian_trace")))
@@ -105,7 +106,7 @@ def test_a_measures_draws_do_not_depend_on_the_others():
     ({"measures.names": ("lambda_maximum",)}, "unknown measure 'lambda_maximum'"),
     ({"measures.bn_mode": "eval"}, "unknown measures.bn_mode 'eval'"),
     ({"measures.settings.sam_sharpness.rho": 0.1, "measures.names": ("sam_sharpness",),
-      "measures.num_examples": 0}, "measures.num_examples must be a finite number > 0"),
+      "measures.num_examples": 0}, "measures.num_examples must be an integer >= 1, got 0"),
     ({"measure_nonuniformity": True}, "batch_gradient_noise.batch_size 128 needs at least 2 "
                                       "disjoint batches of the 64 measured examples; choose 1 to 32"),
 ])
@@ -133,12 +134,13 @@ def test_later_evaluations_reuse_compilations():
   variables = model.init(jax.random.key(0), batches[0]["inputs"])
   names = ["lambda_max", "gradient_noise"]
   settings = {"lambda_max": {"num_iters": 5}, "gradient_noise": {"method": "chunked"}}
+  objective = Objective(model)   # built once per run, as the trainer does
   for bn_mode in ("running", "batch"):
-    first = evaluators.run(names, settings, model, variables["params"],
+    first = evaluators.run(names, settings, objective, variables["params"],
                            variables["batch_stats"], batches, bn_mode=bn_mode)
     compiled = hessian._top_eigenvalues._cache_size()
     params = jax.tree.map(lambda p: p + 0.1, variables["params"])
     stats = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
-    second = evaluators.run(names, settings, model, params, stats, batches, bn_mode=bn_mode)
+    second = evaluators.run(names, settings, objective, params, stats, batches, bn_mode=bn_mode)
     assert hessian._top_eigenvalues._cache_size() == compiled
     assert second["lambda_max"]["lambda_max"] != first["lambda_max"]["lambda_max"]

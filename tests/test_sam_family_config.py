@@ -7,7 +7,7 @@ import runpy
 
 import pytest
 
-from nonuniform_jax import train
+from nonuniform_jax import plan, train
 
 CONFIG = runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "configs" /
                             "sam_family.py"))
@@ -16,7 +16,7 @@ CONFIG = runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "confi
 @pytest.mark.parametrize("setup, method", list(itertools.product(CONFIG["SETUPS"], CONFIG["METHODS"])))
 def test_every_combination_checks(setup, method):
   c = CONFIG["get_config"](f"{setup},{method}")
-  train.check_config(c)
+  plan.read(c)
   if method.startswith("csam"):
     assert c.optimizer.name == "csam" and c.csam.rho1 == 0.1
     assert c.csam.rho2 == (0.4 if c.dataset == "cifar100" else 0.2)

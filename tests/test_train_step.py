@@ -188,7 +188,8 @@ def test_weight_decay_placement_against_hand_written_step(in_perturbation):
   """sam.weight_decay_in_perturbation: wd·θ enters the perturbation (J = L + wd/2‖θ‖², as the
   original SAM) or only the base optimizer's step (coupled L2 after the perturbation)."""
   from configs import default  # pylint: disable=g-import-not-at-top
-  from nonuniform_jax import models, train  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import models, plan  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax.optim import family  # pylint: disable=g-import-not-at-top
   wd = 0.1
   c = default.get_config()
   c.optimizer.update({"name": "sam", "base": "sgd", "momentum": 0.0, "learning_rate": LR,
@@ -196,7 +197,10 @@ def test_weight_decay_placement_against_hand_written_step(in_perturbation):
   c.schedule.name = "constant"
   c.sam.rho = RHO
   c.sam.weight_decay_in_perturbation = in_perturbation
-  tx, _, passes, l2 = train.build_optimizer(c, num_steps=10)
+  o = plan.read(c).optimizer
+  tx = family.make(o.name, o.settings, optax.constant_schedule(LR), family.Context(),
+                   o.weight_decay_in_loss)
+  passes, l2 = o.passes, o.l2
   assert passes == 2 and l2 == (wd if in_perturbation else 0.0)
   model = models.get_model("mlp", 3, widths=(8,))
   x = jax.random.normal(jax.random.key(1), (16, 5))
@@ -228,14 +232,13 @@ def test_weight_decay_placement_against_hand_written_step(in_perturbation):
 def test_nonuniform_sam_is_csam_in_configs():
   """The paper README's name for CSAM selects the same three-pass transformation."""
   from configs import default  # pylint: disable=g-import-not-at-top
-  from nonuniform_jax import train  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import plan  # pylint: disable=g-import-not-at-top
   c = default.get_config()
   c.optimizer.name = "nonuniform_sam"
-  train.check_config(c)
-  _, _, passes, _ = train.build_optimizer(c, num_steps=10)
-  assert passes == 3 and train.family_extra_args(c) == ()
+  o = plan.read(c).optimizer
+  assert o.entry.name == "csam" and o.passes == 3 and o.needs == ()
   c.csam.metric = "kfac"
-  assert train.family_extra_args(c) == ("kfac_factors",)
+  assert plan.read(c).optimizer.needs == ("kfac_factors",)
 
 
 @pytest.mark.parametrize("inverse_every", [2, 3, 4])
