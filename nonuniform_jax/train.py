@@ -112,7 +112,8 @@ def build(plan: plan_lib.Plan) -> Run:
   state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh,
                                             plan.devices.fully_sharded)
   state = jax.jit(init_state, out_shardings=state_sharding)()
-  objective = Objective(model, label_smoothing=plan.label_smoothing, l2=plan.optimizer.l2)
+  objective = Objective(model, label_smoothing=plan.label_smoothing, l2=plan.optimizer.l2,
+                        precision=plan.precision)
   return Run(ds, objective, tx, schedule, num_steps, mesh, state, state_sharding)
 
 
