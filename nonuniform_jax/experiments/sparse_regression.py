@@ -44,6 +44,7 @@ import optax
 
 from nonuniform_jax import optim
 from nonuniform_jax.experiments import common
+from nonuniform_jax.per_example import per_example_grads
 
 METHODS = ("sgd", "sam", "sam_gcm", "csam", "label_noise_sgd")
 LABELS = {"sgd": "SGD", "sam": "SAM", "sam_gcm": "SAM-GCM", "csam": "CSAM",
@@ -136,7 +137,7 @@ def train(method: str, config: ml_collections.ConfigDict, inputs: dict) -> dict:
     grad_fn = jax.grad(lambda p: loss_fn(p, batch))
     extra = {}
     if method == "sam_gcm":
-      extra["per_example_grads"] = optim.per_example_grads(per_example_loss, params, batch)
+      extra["per_example_grads"] = per_example_grads(loss_fn, params, batch, per_example_loss)
     updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn, **extra)
     return (optax.apply_updates(params, updates), state), None
 

@@ -16,7 +16,6 @@ decomposition. Memory is about b·d + min(b, d)·d floats, hence the parameter l
 ``max_params``.
 """
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -25,13 +24,9 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from nonuniform_jax.optim.sam import add_trees, validate_rho
+from nonuniform_jax.pytree import parameter_count
 
 GradFn = Callable[[Any], Any]
-
-
-def parameter_count(params) -> int:
-  """Number of scalars in a pytree (from shapes only: no computation, no host sync)."""
-  return sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(params))
 
 
 def check_size(params, max_params: int) -> None:
