@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from nonuniform_jax import optim
+from nonuniform_jax import checks, optim
 from nonuniform_jax.experiments import common
 from nonuniform_jax.per_example import per_example_grads
 
@@ -197,10 +197,10 @@ def haochen_train(method: str, hc: ml_collections.ConfigDict, key: jax.Array) ->
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  common.check_choices("methods", config.methods, METHODS)
+  checks.choices("method", config.methods, METHODS)
   for name in ("num_train", "num_test", "dim", "sparsity", "batch_size", "learning_rate",
                "num_epochs", "num_seeds", "init_scale"):
-    common.check_positive(name, config[name])
+    checks.positive(name, config[name])
   if config.sparsity > config.dim:
     raise ValueError(f"sparsity must be <= dim={config.dim}, got {config.sparsity}")
   if config.batch_size > config.num_train:
@@ -210,9 +210,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     optimizer(method, config)
   hc = config.haochen
   if hc.enabled:
-    common.check_choices("haochen.methods", hc.methods, HAOCHEN_METHODS)
+    checks.choices("haochen.method", hc.methods, HAOCHEN_METHODS)
     for name in ("dim", "support", "num_examples", "learning_rate", "num_steps", "num_seeds"):
-      common.check_positive(f"haochen.{name}", hc[name])
+      checks.positive(f"haochen.{name}", hc[name])
     if hc.num_steps < 3:
       raise ValueError(f"haochen.num_steps must be >= 3 (the rate drops after 1/3 and 2/3 of "
                        f"them), got {hc.num_steps}")

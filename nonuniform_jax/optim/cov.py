@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nonuniform_jax.optim.sam import add_trees, validate_rho
+from nonuniform_jax import checks
+from nonuniform_jax.optim.sam import add_trees
 from nonuniform_jax.per_example import LossFn, example_loss, num_examples, per_example_grads
 
 
@@ -89,9 +90,8 @@ def cov(lam: float, n: int) -> optax.GradientTransformationExtraArgs:
     lam: λ ≥ 0, the penalty's weight (the paper's toy: 0.3).
     n: the number of training examples the minibatches are drawn from (sets a).
   """
-  validate_rho("lam", lam)
-  if not n >= 2:
-    raise ValueError(f"n must be >= 2 (the training set size), got {n!r}")
+  checks.non_negative("lam", lam)
+  checks.integer("n", n, 2)
 
   def init_fn(params):
     del params

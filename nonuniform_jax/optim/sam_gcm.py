@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from nonuniform_jax.optim.sam import add_trees, validate_rho
+from nonuniform_jax import checks
+from nonuniform_jax.optim.sam import add_trees
 from nonuniform_jax.pytree import parameter_count
 
 GradFn = Callable[[Any], Any]
@@ -105,11 +106,9 @@ def sam_gcm(rho: float, xi: float, *, max_params: int = 1_000_000,
       ``update`` is traced, before anything is compiled.
     eps: guards the normalisation.
   """
-  validate_rho("rho", rho)
-  if not xi > 0:
-    raise ValueError(f"xi must be > 0, got {xi!r}")
-  if not max_params > 0:
-    raise ValueError(f"max_params must be > 0, got {max_params!r}")
+  checks.non_negative("rho", rho)
+  checks.positive("xi", xi)
+  checks.positive("max_params", max_params)
 
   def init_fn(params):
     check_size(params, max_params)
