@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.tree_util import Partial
 
@@ -46,11 +45,6 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0) -> jax.Array:
 def l2_penalty(params) -> jax.Array:
   """½‖θ‖²."""
   return 0.5 * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
-
-
-def parameter_count(params) -> int:
-  """Number of scalars in a parameter pytree (arrays or shape structs)."""
-  return int(sum(np.prod(p.shape, dtype=np.int64) for p in jax.tree.leaves(params)))
 
 
 def _variables(params, batch_stats, **extra) -> dict:

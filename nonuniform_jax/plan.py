@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nonuniform_jax import checks, data, evaluators, models, objective
+from nonuniform_jax import checks, data, evaluators, models, objective, pytree
 from nonuniform_jax.optim import base, family
 
 # Settings that may be infinite: an ℓ∞ ball's p.
@@ -285,7 +285,7 @@ def _model(config, needs: tuple, measures: Measures) -> tuple[Model, int, tuple]
     raise ValueError(f"model {name!r} with {kwargs} cannot be built for the inputs of "
                      f"{config.dataset!r} (shape {tuple(shape)}): {type(e).__name__}: "
                      f"{text}") from None
-  count = objective.parameter_count(variables["params"])
+  count = pytree.parameter_count(variables["params"])
   has_bn = "batch_stats" in variables
   per_example = bool({"per_example_grads", "per_example_loss_fn"} & set(needs))
   opt = config.optimizer.name

@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from nonuniform_jax import checks
 from nonuniform_jax.data import datasets, pipeline, tfds_data
 from nonuniform_jax.data.preprocessing import NORMALIZATION
 
@@ -254,8 +255,7 @@ def get_datasets(name: str, *, seed: int, data_dir: str, augment: bool, image_si
   the in-memory datasets (``pipeline.seeded_subset``); without a training subset, train-eval
   takes the first examples of the split (TFDS stores them shuffled), which costs no full pass.
   """
-  if image_size <= 0:
-    raise ValueError(f"image_size={image_size} must be positive")
+  checks.integer("image_size", image_size, 1)
   b = tfds_data.builder(name, data_dir)
   test_split, num_classes = tfds_data.SPLITS[name]
   mean, std = NORMALIZATION[name]
