@@ -99,3 +99,90 @@ def test_no_module_uses_another_modules_private_names():
       if (relative, what) not in EXEMPT:
         offences.append(f"{relative}:{line}: {what}")
   assert not offences, "private names used across modules:\n" + "\n".join(offences)
+
+
+# ------------------------------------------------------------------ layers and import cycles
+
+# docs/architecture.md's layers, top first: a module imports modules of its own layer or below.
+LAYERS = [
+    ("main", "measure", "plot", "sweep", "cli"),
+    ("train", "checkpoints", "recorder", "analysis", "experiments", "population"),
+    ("plan",),
+    ("steps", "evaluators"),
+    ("objective", "measures"),
+    ("optim",),
+    ("models", "data", "kfac"),
+    ("checks", "workdir", "parallel", "per_example", "pytree"),
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _unit(module: str) -> str:
+  """'nonuniform_jax.measures.hessian' -> 'measures' (the first name below the package)."""
+  parts = module.split(".")
+  return parts[1] if len(parts) > 1 else ""
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """The first-party modules a source file imports (at any depth of its code)."""
+  module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+  package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out.update(a.name for a in node.names if a.name.startswith("nonuniform_jax"))
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                        + ([base] if base else []))
+      if base.startswith("nonuniform_jax"):
+        out.update(f"{base}.{a.name}" if f"{base}.{a.name}".replace(".", "/") and (
+            ROOT / f"{base}.{a.name}".replace(".", "/")).with_suffix(".py").exists() or (
+            ROOT / f"{base}.{a.name}".replace(".", "/")).is_dir() else base
+                   for a in node.names)
+  return out
+
+
+def test_every_module_has_a_layer():
+  units = {_unit(".".join(p.relative_to(ROOT).with_suffix("").parts))
+           for p in ROOT.glob("nonuniform_jax/**/*.py")} - {"", "__init__"}
+  assert units <= set(LAYER), sorted(units - set(LAYER))
+
+
+def test_no_module_imports_upwards():
+  upward = []
+  for path in ROOT.glob("nonuniform_jax/**/*.py"):
+    here = _unit(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    if here in ("", "__init__"):
+      continue
+    for target in _imports(path):
+      there = _unit(target)
+      if there and there != here and LAYER[there] < LAYER[here]:
+        upward.append(f"{path.relative_to(ROOT)} imports {target} "
+                      f"(layer {LAYER[there]} above {LAYER[here]})")
+  assert not upward, upward
+
+
+def test_no_import_cycles_between_modules():
+  graph = {}
+  for path in ROOT.glob("nonuniform_jax/**/*.py"):
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    graph[module] = {t for t in _imports(path) if t != module}
+  cycles, state = [], {}
+
+  def visit(node, stack):
+    state[node] = "open"
+    for target in sorted(graph.get(node, ())):
+      if target not in graph or target.startswith(node + "."):
+        continue   # a package importing its own submodules is how packages export
+      if state.get(target) == "open":
+        cycles.append(stack[stack.index(target):] + [target])
+      elif target not in state:
+        visit(target, stack + [target])
+    state[node] = "done"
+
+  for module in sorted(graph):
+    if module not in state:
+      visit(module, [module])
+  assert not cycles, cycles

@@ -8,13 +8,13 @@ stream through tf.data (``streaming.StreamSource``) with the same guarantees. Te
 imported only when a TFDS dataset is loaded.
 """
 
-import dataclasses
 
 import numpy as np
 
 from nonuniform_jax import checks
 from nonuniform_jax.data import label_noise as label_noise_lib
 from nonuniform_jax.data import offline, pipeline, preprocessing
+from nonuniform_jax.data.sources import Datasets
 
 OFFLINE = ("mnist1d", "digits")
 TFDS_IN_MEMORY = ("mnist", "fashion_mnist", "cifar10", "cifar100")
@@ -27,28 +27,6 @@ AUGMENTED = ("cifar10", "cifar100") + TFDS_STREAMING   # datasets with a standar
 SHAPES = {"mnist1d": (10, (40,)), "digits": (10, (8, 8, 1)), "mnist": (10, (28, 28, 1)),
           "fashion_mnist": (10, (28, 28, 1)), "cifar10": (10, (32, 32, 3)),
           "cifar100": (100, (32, 32, 3)), "imagenet2012": (1000, None), "food101": (101, None)}
-
-
-@dataclasses.dataclass
-class Datasets:
-  """A dataset ready for training: three sources plus what the run summary records.
-
-  ``input_shape`` is one example's shape after preprocessing; ``num_train`` the number of
-  training examples used (all processes). ``noise`` holds the noisy training labels (None
-  without label noise); ``clean_train_labels`` and ``train_indices`` (positions in the full
-  training split) go with it into ``write_label_noise``.
-  """
-  name: str
-  num_classes: int
-  input_shape: tuple
-  num_train: int
-  info: dict
-  train: object
-  train_eval: object
-  test: object
-  noise: label_noise_lib.LabelNoise | None = None
-  clean_train_labels: np.ndarray | None = None
-  train_indices: np.ndarray | None = None
 
 
 def describe(name: str, image_size: int) -> tuple[int, tuple]:
