@@ -46,7 +46,10 @@ trained and a final one with the counts.
 ``--workers N`` runs the populations in N local processes, each this command with
 ``--shard I/N``: populations are given to shards by a fixed rule (largest first, each to the
 least loaded shard, by members × gradient evaluations × examples), so no two shards train the
-same member (and each member's workdir lock would refuse a second trainer anyway).
+same member (and each member's workdir lock would refuse a second trainer anyway). The workers
+run in sessions of their own: Ctrl-C or SIGTERM reaches each once, through this command, and
+each finishes the checkpoint it is writing; a command killed outright (SIGKILL) leaves them to
+finish their shards.
 ``--emit slurm`` writes ``DIR/sweep.sbatch``, a job array with one task per shard (``--workers
 N``) or per population, each running this command with its ``--shard``; ``--emit tpu_vm``
 writes ``DIR/sweep_tpu_vm.sh``, one ``launch/tpu_vm.sh`` per shard, each on its own VM, all at
@@ -73,8 +76,10 @@ import time
 from nonuniform_jax import cli  # first: it quiets TensorFlow before anything imports it
 
 from absl import flags  # pylint: disable=g-bad-import-order,wrong-import-position
+from etils import epath  # pylint: disable=g-bad-import-order,wrong-import-position
 
-from nonuniform_jax import sweep_config  # pylint: disable=g-bad-import-order,wrong-import-position
+# pylint: disable=g-bad-import-order,wrong-import-position
+from nonuniform_jax import sweep_config, workdir as wd
 
 USAGE = ("usage: python -m nonuniform_jax.sweep --config configs/sweeps/NAME.py[:VARIANT] "
          "--workdir DIR [--workers N] [--emit slurm|tpu_vm] [--config.KEY=VALUE ...]")
@@ -219,7 +224,7 @@ def command(argv) -> int:
 
 
 def _command(args: Args, started: float) -> int:
-  from nonuniform_jax import plan as plan_lib, train, workdir as wd  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import plan as plan_lib, train  # pylint: disable=g-import-not-at-top
   from nonuniform_jax.analysis import table  # pylint: disable=g-import-not-at-top
   directory = args.workdir
   wd.check_writable(directory)
@@ -274,7 +279,6 @@ def _join(directory: str, *parts: str) -> str:
 
 
 def _exists(path: str) -> bool:
-  from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(path).exists()
 
 
@@ -301,7 +305,6 @@ def _difference(old: dict, new: dict) -> str:
 
 def _ended(directory: str, member: sweep_config.Member) -> str | None:
   """'completed' or 'diverged' if the member's summary says so, else None."""
-  from nonuniform_jax import workdir as wd  # pylint: disable=g-import-not-at-top
   path = _join(directory, member.workdir, wd.SUMMARY_FILE)
   if not _exists(path):
     return None
@@ -311,7 +314,7 @@ def _ended(directory: str, member: sweep_config.Member) -> str | None:
 
 def _run(args: Args, members, plans, pops, chosen) -> dict:
   """Trains the populations ``chosen`` (indices into ``pops``) in turn; the counts."""
-  from nonuniform_jax import population, train, workdir as wd  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import population, train  # pylint: disable=g-import-not-at-top
   counts = dict.fromkeys(("members", "trained", "diverged", "skipped", "failed", "busy"), 0)
   directory = args.workdir
   for j in chosen:
@@ -419,7 +422,6 @@ def _run_workers(args: Args, members, shards) -> dict:
 # --- scripts for clusters -----------------------------------------------------------------
 
 def _emit(args: Args, members, pops, costs, sweep_json: str) -> int:
-  from nonuniform_jax import workdir as wd  # pylint: disable=g-import-not-at-top
   count = args.workers or len(pops)
   shards = partition(costs, count)
   unit = "shard" if args.workers else "population"
@@ -480,6 +482,7 @@ def _header(args: Args, shards, unit: str, num_members: int) -> list[str]:
 
 
 def _slurm_script(args: Args, shards, unit: str, num_members: int) -> str:
+  script = shlex.quote(_join(args.workdir, SBATCH_FILE))
   log = ([f"#SBATCH --output={args.workdir}/slurm-%A_%a.out"]
          if "://" not in args.workdir else [])
   command = ('"${PYTHON:-.venv/bin/python}" -m nonuniform_jax.sweep '
@@ -487,8 +490,8 @@ def _slurm_script(args: Args, shards, unit: str, num_members: int) -> str:
   return "\n".join([
       "#!/usr/bin/env bash",
       *_header(args, shards, unit, num_members),
-      f"#   sbatch {shlex.quote(os.path.join(args.workdir, SBATCH_FILE))}          # every shard",
-      f"#   sbatch --array=3 {shlex.quote(os.path.join(args.workdir, SBATCH_FILE))} # shard 3 again",
+      f"#   sbatch {script}            # every task",
+      f"#   sbatch --array=I {script}  # task I again (I: a number, a list 1,4 or a range 2-5)",
       "# Install once on the shared filesystem first (as for launch/slurm_gpu.sbatch):",
       "#   python3.11 -m venv .venv && .venv/bin/pip install -r requirements.txt "
       "-c constraints.txt -e . 'jax[cuda12]==0.10.2'",
@@ -517,7 +520,7 @@ def _tpu_vm_script(args: Args, shards, unit: str, num_members: int) -> str:
       "LOGS,",
       "# and launch/tpu_vm.sh's own: TFDS_DATA_DIR, RUNTIME, REPO, KEEP, DRY_RUN.",
       f"#   ZONE=us-central2-b TFDS_DATA_DIR=gs://my-bucket/tfds bash {TPU_VM_FILE}",
-      f"#   ZONE=us-central2-b SHARDS='3 5' bash {TPU_VM_FILE}   # shards 3 and 5 again",
+      f"#   ZONE=us-central2-b SHARDS='I J' bash {TPU_VM_FILE}   # shards I and J again",
       "set -euo pipefail",
       f"cd {shlex.quote(str(ROOT))}",
       ': "${ZONE:?set ZONE, the zone of the TPU VMs (e.g. ZONE=us-central2-b)}"',
