@@ -105,7 +105,7 @@ def test_no_module_uses_another_modules_private_names():
 
 # docs/architecture.md's layers, top first: a module imports modules of its own layer or below.
 LAYERS = [
-    ("main", "measure", "plot", "sweep", "cli"),
+    ("main", "measure", "plot", "sweep", "sweep_config", "cli"),
     ("train", "checkpoints", "recorder", "analysis", "experiments", "population"),
     ("plan",),
     ("steps", "evaluators"),
