@@ -25,9 +25,11 @@ from jax import lax
 
 
 def augreg_vit(seed=0, *, hidden=8, depth=2, heads=2, mlp=16, patch=4, grid=2, channels=3,
-               classes=5, token=True, pre_logits=False) -> dict:
+               classes=5, token=True, pre_logits=False, zeros=False) -> dict:
+  """``zeros``: every array zero (published sizes cost no time; only shapes matter then)."""
   rng = np.random.default_rng(seed)
-  normal = lambda *shape, scale=0.3: (scale * rng.normal(size=shape)).astype(np.float32)
+  normal = lambda *shape, scale=0.3: (np.zeros(shape, np.float32) if zeros else
+                                      (scale * rng.normal(size=shape)).astype(np.float32))
   d, k = hidden, hidden // heads
   ck = {"embedding/kernel": normal(patch, patch, channels, d),
         "embedding/bias": normal(d),
@@ -117,14 +119,16 @@ def vit_features(ck: dict, images: np.ndarray) -> np.ndarray:
 
 
 def torchvision_resnet(seed=0, *, layers=(1, 1, 1, 1), width=4, bottleneck=True, classes=5,
-                       channels=3) -> dict:
-  """A torchvision ResNet ``state_dict`` (resnet50's keys with ``layers=(3, 4, 6, 3)``)."""
+                       channels=3, zeros=False) -> dict:
+  """A torchvision ResNet ``state_dict`` (resnet50's keys with ``layers=(3, 4, 6, 3)``, width
+  64); ``zeros``: the convolutions and fc zero (only shapes matter then)."""
   rng = np.random.default_rng(seed)
   sd = {}
 
   def conv(name, out, inp, k):
-    sd[name + ".weight"] = (rng.normal(size=(out, inp, k, k)) / math.sqrt(inp * k * k)).astype(
-        np.float32)
+    sd[name + ".weight"] = (np.zeros((out, inp, k, k), np.float32) if zeros else
+                            (rng.normal(size=(out, inp, k, k)) / math.sqrt(inp * k * k)).astype(
+                                np.float32))
 
   def bn(name, n):
     sd[name + ".weight"] = (1 + 0.2 * rng.normal(size=n)).astype(np.float32)
@@ -152,7 +156,8 @@ def torchvision_resnet(seed=0, *, layers=(1, 1, 1, 1), width=4, bottleneck=True,
         conv(pre + "downsample.0", planes * expansion, inp, 1)
         bn(pre + "downsample.1", planes * expansion)
       inp = planes * expansion
-  sd["fc.weight"] = rng.normal(size=(classes, inp)).astype(np.float32)
+  sd["fc.weight"] = (np.zeros((classes, inp)) if zeros else rng.normal(size=(classes, inp))
+                    ).astype(np.float32)
   sd["fc.bias"] = rng.normal(size=classes).astype(np.float32)
   return sd
 

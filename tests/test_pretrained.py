@@ -5,6 +5,7 @@ hand-checked bilinear interpolation, the ViT's input range is re-expressed exact
 mismatch is one line naming it, and a run starts from the weights (refused before it writes)."""
 
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,44 @@ def test_input_normalization_reexpressed_exactly(tmp_path):
     np.testing.assert_allclose(model.apply(variables, (u - mean) / std),
                                _logits(ref.vit_features(ck, reference_input), variables),
                                atol=5e-5)
+
+
+def _headers_only(path, arrays):
+  """An .npz whose members hold the array headers and no data: what the check reads."""
+  with zipfile.ZipFile(path, "w") as archive:
+    for key, value in arrays.items():
+      with archive.open(key + ".npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(value))
+  return str(path)
+
+
+@pytest.mark.parametrize("name,arrays,side", [
+    # AugReg ImageNet-21k ViT-Ti/16, S/16, B/16 (21843 classes, 224 px), at 224 and 384 px.
+    ("vit_tiny", dict(hidden=192, depth=12, heads=3, mlp=768), 224),
+    ("vit_small", dict(hidden=384, depth=12, heads=6, mlp=1536), 384),
+    ("vit_base", dict(hidden=768, depth=12, heads=12, mlp=3072), 224),
+    # The original ImageNet-21k ViT-B/16 had a representation layer (pre_logits), dropped.
+    ("vit_base", dict(hidden=768, depth=12, heads=12, mlp=3072, pre_logits=True), 224),
+    # torchvision resnet50 and resnet18 (1000 classes).
+    ("resnet50", dict(layers=(3, 4, 6, 3)), 224),
+    ("resnet18", dict(layers=(2, 2, 2, 2), bottleneck=False), 224),
+])
+def test_published_sizes_fit_the_presets(name, arrays, side, tmp_path):
+  if name.startswith("vit"):
+    ck = ref.augreg_vit(patch=16, grid=14, classes=21843, zeros=True, **arrays)
+    big_vision = _headers_only(tmp_path / "bv.npz", ref.big_vision_vit(ck, scan=True))
+  else:
+    ck = ref.torchvision_resnet(width=64, classes=1000, zeros=True, **arrays)
+    big_vision = None
+  model = get_model(name, 100)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
+  grid = f", position embeddings 14×14 resized to {side // 16}×{side // 16}" if side != 224 else (
+      ", position embeddings 14×14")
+  expected = ("torchvision layout, new classifier (fc dropped)" if big_vision is None else
+              f"augreg layout{grid}, new classifier (head dropped)")
+  assert pretrained.check(_headers_only(tmp_path / "ck.npz", ck), name, model, shapes) == expected
+  if big_vision:
+    assert pretrained.check(big_vision, name, model, shapes).startswith("big_vision layout")
 
 
 def _drop(ck, key):

@@ -122,7 +122,9 @@ def _headers(path: str) -> dict:
   try:
     archive = zipfile.ZipFile(path)
   except FileNotFoundError:
-    raise ValueError(f"model.pretrained {path!r}: no such file") from None
+    raise ValueError(f"model.pretrained {path!r}: no such file; download the checkpoint (README, "
+                     "\"Transfer from a pretrained checkpoint\") or set model.pretrained='' to "
+                     "train from scratch") from None
   except (zipfile.BadZipFile, IsADirectoryError, OSError) as e:
     raise ValueError(f"model.pretrained {path!r} is not an .npz archive of arrays "
                      f"({type(e).__name__}); a PyTorch .pth converts with np.savez(path, "
