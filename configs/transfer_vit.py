@@ -30,7 +30,9 @@ CIFAR-100: random crop 32 with 4-pixel padding and flip, then resized to 224 px 
 ``laptop``: ViT-Ti/16 (AugReg ImageNet-21k,
 ``weights/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz``) at 64 px, its
 position embeddings resized from 14×14 to 4×4, batch 32, no warm-up; CIFAR-100: 200 steps on a
-fixed 5000-example subset, Food-101: 100 steps on 3200 images drawn by the seed.
+fixed 5000-example subset, Food-101: 100 steps on 3200 images drawn by the seed. A CSAM step
+(three gradients) took 0.4 times as long as a step of ``cifar10_resnet20.py:laptop`` on this
+project's shared 2-core CPU.
 """
 
 import pathlib
