@@ -313,9 +313,8 @@ def _model(config, needs: tuple, measures: Measures) -> tuple[Model, int, tuple]
     raise ValueError(f"measures {refused} take per-example gradients or Hessians, which "
                      f"BatchNorm in 'batch' mode (model {name!r}) would normalise by each "
                      "example's own statistics; use measures.bn_mode 'running'")
-  return (Model(name, tuple(sorted(kwargs.items())), count, has_bn, pretrained, note),
-          num_classes,
-          tuple(shape))
+  model_plan = Model(name, tuple(sorted(kwargs.items())), count, has_bn, pretrained, note)
+  return model_plan, num_classes, tuple(shape)
 
 
 def read(config: ml_collections.ConfigDict) -> Plan:

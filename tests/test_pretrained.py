@@ -245,7 +245,10 @@ def test_unreadable_files_named_in_one_line(tmp_path):
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   (tmp_path / "text.npz").write_text("not an archive")
   np.savez(tmp_path / "pickle.npz", a=np.array([{}], dtype=object))
+  with zipfile.ZipFile(tmp_path / "garbage.npz", "w") as archive:
+    archive.writestr("a.npy", b"garbage")
   for path, message in ((tmp_path / "absent.npz", "absent.npz': no such file"),
+                        (tmp_path / "garbage.npz", "member 'a.npy' is not a numpy array"),
                         (tmp_path / "text.npz", "is not an .npz archive of arrays \\(BadZipFile\\)"
                                                 "; a PyTorch .pth converts with np.savez"),
                         (tmp_path, "is not an .npz archive"),

@@ -135,10 +135,14 @@ def _headers(path: str) -> dict:
       if not info.filename.endswith(".npy"):
         continue
       with archive.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-                np.lib.format.read_array_header_2_0)
-        shape, _, dtype = read(f)
+        try:
+          version = np.lib.format.read_magic(f)
+          read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                  np.lib.format.read_array_header_2_0)
+          shape, _, dtype = read(f)
+        except ValueError as e:
+          raise ValueError(f"model.pretrained {path!r}: member {info.filename!r} is not a numpy "
+                           f"array ({str(e).splitlines()[0]})") from None
       if dtype.hasobject:
         raise ValueError(f"model.pretrained {path!r}: array {info.filename[:-4]!r} holds Python "
                          "objects (a pickle), which is not read; save plain numeric arrays")
