@@ -32,13 +32,14 @@ cifar = runpy.run_path(str(pathlib.Path(__file__).resolve().with_name("cifar10_r
 
 def large_images(c: ml_collections.ConfigDict, dataset: str, num_train: int, batch_size: int,
                  model: dict) -> ml_collections.ConfigDict:
-  """The ImageNet-style recipe for ``dataset`` of ``num_train`` training images."""
+  """The ImageNet-style recipe for ``dataset`` of ``num_train`` training images; the model
+  starts from ``model['pretrained']`` when that names a published checkpoint (README)."""
   steps_per_epoch = num_train // batch_size
   c.dataset = dataset
   c.augment = True
   c.image_size = 224
   c.train_eval_examples = 10_000
-  c.model = ml_collections.ConfigDict(model)
+  c.model = ml_collections.ConfigDict({"pretrained": "", **model})
   c.optimizer.name = "sgd"
   c.optimizer.learning_rate = 0.1 * batch_size / 256
   c.optimizer.momentum = 0.9
@@ -63,7 +64,7 @@ def laptop(c: ml_collections.ConfigDict, model: dict,
   """Laptop scale: ``model`` at 64 px, batch 32, 100 steps on 3200 images drawn by the seed
   (``subset=False``: streamed from the whole training split)."""
   c.image_size = 64
-  c.model = ml_collections.ConfigDict(model)
+  c.model = ml_collections.ConfigDict({"pretrained": "", **model})
   c.batch_size = 32
   c.eval_batch_size = 250
   c.optimizer.learning_rate = 0.1 * 32 / 256

@@ -8,12 +8,14 @@ MNIST and CIFAR setups: one file, the setup and the method chosen by the config 
     python -m nonuniform_jax.main --config configs/sam_family.py:mnist1d,csam --workdir /tmp/nu/m1d_csam   # offline, ~1 min
 
 Setups: mnist1d (offline default MLP), mnist_mlp, cifar10_resnet20, cifar10_resnet56,
-cifar10_wrn28_6, cifar100_wrn28_6. Methods, with the authors' values:
+cifar10_wrn28_6, cifar100_wrn28_6, cifar10_pyramidnet110, cifar100_pyramidnet110,
+cifar10_densenet100, cifar100_densenet100. Methods, with the authors' values:
 
 * sam: ρ = 0.05 (CIFAR-10, MNIST), 0.1 (CIFAR-100); m = the whole batch of 128.
 * asam: ρ = 1.0, η = 0 (the authors' reported baseline).
 * csam: ρ1 = 0.1, ρ2 = 0.2 (CIFAR-10, MNIST) or 0.4 (CIFAR-100); α = 0.9, 0.6 for ResNet-20/56
-  on CIFAR-10; identity metric (the configuration behind the reported CIFAR results).
+  on CIFAR-10, 0.4 for PyramidNet; identity metric (the configuration behind the reported CIFAR
+  results). The ViT transfer's settings are in configs/transfer_vit.py.
 * csam_kfac: the same with the Kronecker-factored metric, damping 1e-3, statistics and inverse
   refreshed every 50 steps with EMA decay 0.95.
 
@@ -33,9 +35,16 @@ import runpy
 import ml_collections
 
 HERE = pathlib.Path(__file__).resolve().parent
-SETUPS = {"mnist1d": "default.py", "mnist_mlp": "mnist_mlp.py",
-          "cifar10_resnet20": "cifar10_resnet20.py", "cifar10_resnet56": "cifar10_resnet56.py",
-          "cifar10_wrn28_6": "cifar10_wrn28_6.py", "cifar100_wrn28_6": "cifar100_wrn28_6.py"}
+# setup -> (config file, its variant)
+SETUPS = {"mnist1d": ("default.py", ""), "mnist_mlp": ("mnist_mlp.py", ""),
+          "cifar10_resnet20": ("cifar10_resnet20.py", ""),
+          "cifar10_resnet56": ("cifar10_resnet56.py", ""),
+          "cifar10_wrn28_6": ("cifar10_wrn28_6.py", ""),
+          "cifar100_wrn28_6": ("cifar100_wrn28_6.py", ""),
+          "cifar10_pyramidnet110": ("cifar10_pyramidnet110.py", ""),
+          "cifar100_pyramidnet110": ("cifar10_pyramidnet110.py", "cifar100"),
+          "cifar10_densenet100": ("cifar10_densenet100.py", ""),
+          "cifar100_densenet100": ("cifar10_densenet100.py", "cifar100")}
 METHODS = ("sgd", "sam", "asam", "csam", "csam_kfac")
 
 
@@ -47,9 +56,11 @@ def get_config(variant: str = "mnist1d,csam") -> ml_collections.ConfigDict:
     raise ValueError(f"config string {variant!r} must be SETUP,METHOD[,laptop] with SETUP in "
                      f"{sorted(SETUPS)} and METHOD in {list(METHODS)}")
   setup, method = tokens
-  module = runpy.run_path(str(HERE / SETUPS[setup]))
-  c = module["get_config"]("laptop") if laptop and setup != "mnist1d" else \
-      module["get_config"]()
+  path, setup_variant = SETUPS[setup]
+  module = runpy.run_path(str(HERE / path))
+  variant = ",".join(filter(None, [setup_variant, "laptop" if laptop and setup != "mnist1d"
+                                   else ""]))
+  c = module["get_config"](variant) if variant else module["get_config"]()
   # The authors' base for every method (docs/methods.md, CSAM), whatever the setup's own config says
   # (the MNIST MLP config alone is plain SGD at a constant rate), and their 300 CIFAR epochs.
   c.optimizer.momentum, c.schedule.name, c.optimizer.learning_rate = 0.9, "cosine", 0.1
@@ -64,6 +75,6 @@ def get_config(variant: str = "mnist1d,csam") -> ml_collections.ConfigDict:
   elif method.startswith("csam"):
     c.optimizer.name = "csam"
     c.csam.rho1, c.csam.rho2 = 0.1, 0.4 if cifar100 else 0.2
-    c.csam.alpha = 0.6 if small_resnet else 0.9
+    c.csam.alpha = 0.6 if small_resnet else 0.4 if c.model.name.startswith("pyramidnet") else 0.9
     c.csam.metric = "kfac" if method == "csam_kfac" else "identity"
   return c

@@ -45,6 +45,8 @@ def measure(workdir: str, names, *, nonuniformity=False, num_examples=None, batc
     raise ValueError(f"no run in workdir {workdir!r}: {config_path} does not exist and no "
                      "checkpoint records a config")
   config = ml_collections.ConfigDict(wd.with_added_defaults(recorded))
+  if config.model.get("pretrained"):   # the weights come from the run's checkpoint
+    config.model.pretrained = ""
   config.measures.names = tuple(names or ())
   config.measure_nonuniformity = nonuniformity
   for key, value in (("num_examples", num_examples), ("batch_size", batch_size),

@@ -45,6 +45,8 @@ class Model:
   kwargs: tuple                 # (key, value) pairs of the model's arguments
   num_params: int
   has_batchnorm: bool
+  pretrained: str = ""          # a published checkpoint to start from (models.pretrained)
+  pretrained_note: str = ""     # what loading it does, in words
 
   def build(self, num_classes: int):
     return models.get_model(self.name, num_classes, **dict(self.kwargs))
@@ -139,7 +141,8 @@ class Plan:
             "bn_statistics": d.bn_statistics, "fully_sharded": d.fully_sharded,
             "num_params": self.model.num_params, "gradient_evaluations_per_step": o.passes,
             "bn_policy": self.bn_policy if o.passes > 1 else None,
-            "weight_decay_in_loss": o.l2, "precision": self.precision}
+            "weight_decay_in_loss": o.l2, "precision": self.precision,
+            "pretrained": self.model.pretrained_note or None}
 
 
 def _setting(config, dotted: str):
@@ -274,6 +277,7 @@ def _model(config, needs: tuple, measures: Measures) -> tuple[Model, int, tuple]
   mode), stop here, before any data are read."""
   kwargs = config.model.to_dict()
   name = kwargs.pop("name")
+  pretrained = kwargs.pop("pretrained", "")
   models.check_model(name, **kwargs)
   num_classes, shape = data.describe(config.dataset, config.image_size)
   model = models.get_model(name, num_classes, **kwargs)
@@ -285,6 +289,8 @@ def _model(config, needs: tuple, measures: Measures) -> tuple[Model, int, tuple]
     raise ValueError(f"model {name!r} with {kwargs} cannot be built for the inputs of "
                      f"{config.dataset!r} (shape {tuple(shape)}): {type(e).__name__}: "
                      f"{text}") from None
+  # A published checkpoint must fit the model, from its array headers, before anything runs.
+  note = models.pretrained.check(pretrained, name, model, variables) if pretrained else ""
   count = pytree.parameter_count(variables["params"])
   has_bn = "batch_stats" in variables
   per_example = bool({"per_example_grads", "per_example_loss_fn"} & set(needs))
@@ -307,8 +313,8 @@ def _model(config, needs: tuple, measures: Measures) -> tuple[Model, int, tuple]
     raise ValueError(f"measures {refused} take per-example gradients or Hessians, which "
                      f"BatchNorm in 'batch' mode (model {name!r}) would normalise by each "
                      "example's own statistics; use measures.bn_mode 'running'")
-  return (Model(name, tuple(sorted(kwargs.items())), count, has_bn), num_classes,
-          tuple(shape))
+  model_plan = Model(name, tuple(sorted(kwargs.items())), count, has_bn, pretrained, note)
+  return model_plan, num_classes, tuple(shape)
 
 
 def read(config: ml_collections.ConfigDict) -> Plan:

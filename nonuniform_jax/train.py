@@ -21,7 +21,7 @@ import numpy as np
 
 from nonuniform_jax import (checkpoints, checks, data, evaluators, parallel, plan as plan_lib,
                             recorder, steps, workdir as wd)
-from nonuniform_jax.models import layers
+from nonuniform_jax.models import layers, pretrained
 from nonuniform_jax.objective import Objective
 from nonuniform_jax.optim import base, family, kfac
 
@@ -102,16 +102,28 @@ def build(plan: plan_lib.Plan) -> Run:
                    plan.optimizer.weight_decay_in_loss)
   mesh = parallel.data_mesh(jax.devices()[:plan.devices.num_devices])
 
-  def init_state():
+  # A published checkpoint replaces every variable but the classifier (models.pretrained); it
+  # travels into the jitted initialisation as an argument, not as constants.
+  loaded = None
+  if plan.model.pretrained:
+    norm = ds.info.get("normalization", {})
+    loaded = pretrained.load(
+        plan.model.pretrained, plan.model.name, model,
+        jax.eval_shape(model.init, jax.random.key(0), x),
+        (norm["mean"], norm["std"]) if {"mean", "std"} <= set(norm) else None)
+
+  def init_state(loaded):
     variables = model.init(jax.random.key(plan.seed), x)
+    if loaded is not None:
+      variables = pretrained.merge(variables, loaded)
     params = variables["params"]
     return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             batch_stats=variables.get("batch_stats", {}),
                             opt_state=tx.init(params))
 
-  state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh,
+  state_sharding = parallel.state_shardings(jax.eval_shape(init_state, loaded), mesh,
                                             plan.devices.fully_sharded)
-  state = jax.jit(init_state, out_shardings=state_sharding)()
+  state = jax.jit(init_state, out_shardings=state_sharding)(loaded)
   objective = Objective(model, label_smoothing=plan.label_smoothing, l2=plan.optimizer.l2,
                         precision=plan.precision)
   return Run(ds, objective, tx, schedule, num_steps, mesh, state, state_sharding)
@@ -330,8 +342,10 @@ def _start_line(plan: plan_lib.Plan, run: Run, workdir: str, start: int) -> str:
             if plan.data.num_train_examples else f"{ds.num_train:,}")
   platform = run.mesh.devices.ravel()[0].platform
   where = f"resuming at step {start:,}" if start else "starting"
+  source = (f" from {plan.model.pretrained} ({plan.model.pretrained_note})"
+            if plan.model.pretrained and not start else "")
   return (f"{plan.data.dataset} ({subset} training examples) -> {plan.model.name} "
-          f"({plan.model.num_params:,} parameters), "
+          f"({plan.model.num_params:,} parameters{source}), "
           f"{family.describe(plan.optimizer.name, plan.optimizer.settings)}, "
           f"{run.num_steps:,} steps of batch {plan.batch_size} on {d.num_devices} {platform} "
           f"device{'s' if d.num_devices > 1 else ''}"

@@ -23,6 +23,8 @@ DATASET_CONFIGS = {
     "food101_resnet50": (("", "laptop"), "food101", "resnet50"),
     "food101_vit": (("", "laptop"), "food101", "vit_small"),
     "cifar10_label_noise": (("", "symmetric,0.8", "asymmetric,0.4,laptop"), "cifar10", "resnet32"),
+    "cifar10_pyramidnet110": (("", "laptop"), "cifar10", "pyramidnet110"),
+    "cifar10_densenet100": (("", "laptop"), "cifar10", "densenet100"),
 }
 
 
@@ -76,3 +78,49 @@ def test_command_line_config_string(tmp_path):  # (the docstring commands themse
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd="/")
   assert out.stdout.split() == ["0.6", "200"]
+
+
+@pytest.mark.parametrize("name,model,laptop_model", [
+    ("cifar10_pyramidnet110", "pyramidnet110", {"name": "pyramidnet", "depth": 20, "alpha": 48}),
+    ("cifar10_densenet100", "densenet100", {"name": "densenet", "depth": 40, "growth_rate": 12}),
+])
+def test_pyramidnet_and_densenet_configs(name, model, laptop_model, monkeypatch, tmp_path):
+  """The paper's CIFAR setting on CIFAR-10 and, with ``cifar100``, CIFAR-100."""
+  for variant in ("cifar100", "cifar100,laptop"):
+    c = load(name, variant, monkeypatch, tmp_path)
+    assert c.dataset == "cifar100"
+    assert c.model.to_dict() == ({"name": model} if variant == "cifar100" else laptop_model)
+    assert (c.optimizer.learning_rate, c.optimizer.momentum, c.optimizer.weight_decay,
+            c.batch_size, c.label_smoothing) == (0.1, 0.9, 5e-4, 128, 0.1)
+    plan.read(c)
+
+
+TRANSFER_VARIANTS = ["cifar100,csam", "cifar100,sam", "cifar100,asam,laptop", "food101,csam",
+                     "food101,sgd,laptop"]
+
+
+@pytest.mark.parametrize("variant", TRANSFER_VARIANTS)
+def test_transfer_configs(variant, monkeypatch, tmp_path):
+  """The paper's ViT transfer: a pretrained ViT-S/16 at 224 px, learning rate 1e-3, batch 128,
+  20 epochs, CSAM ρ1 = ρ2 = 0.1 and α = 0.4; the default weights' path must exist (the run
+  stops before it writes otherwise) and without weights the config passes every check."""
+  c = load("transfer_vit", variant, monkeypatch, tmp_path)
+  dataset, method, *laptop = variant.split(",")
+  assert c.dataset == dataset and c.optimizer.learning_rate == 1e-3
+  side = c.model.get("resize") or c.image_size
+  if laptop:
+    assert (c.model.name, side, c.batch_size) == ("vit_tiny", 64, 32) and 0 < c.num_steps <= 200
+    assert c.model.pretrained.startswith("weights/Ti_16-i21k-300ep")
+  else:
+    assert (c.model.name, side, c.batch_size, c.num_steps, c.num_epochs) == (
+        "vit_small", 224, 128, 0, 20.0)
+    assert c.model.pretrained.startswith("weights/S_16-i21k-300ep")
+  assert c.optimizer.name == method
+  if method == "csam":
+    assert (c.csam.rho1, c.csam.rho2, c.csam.alpha, c.csam.metric) == (0.1, 0.1, 0.4, "identity")
+  with pytest.raises(ValueError, match="no such file"):
+    plan.read(c)
+  c.model.pretrained = ""
+  plan.read(c)
+  with pytest.raises(ValueError, match="must be DATASET,METHOD"):
+    load("transfer_vit", "cifar10,csam", monkeypatch, tmp_path)

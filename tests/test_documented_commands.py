@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -117,8 +118,9 @@ TINY_MODELS = {
     "resnet18": _TINY_RESNET, "resnet50": _TINY_RESNET, "preact_resnet18": _TINY_RESNET,
     "wide_resnet": _TINY_WRN, "wrn16_8": _TINY_WRN, "wrn28_6": _TINY_WRN, "wrn28_10": _TINY_WRN,
     "wrn58_6": _TINY_WRN, "vgg16_bn": {"stages": ((8,), (8,))},
-    "pyramidnet110": {"depth": 11, "alpha": 8}, "densenet100": {"depth": 10, "growth_rate": 4},
-    "vit": _TINY_VIT, "vit_tiny": _TINY_VIT, "vit_small": _TINY_VIT,
+    "pyramidnet": {"depth": 11, "alpha": 8}, "pyramidnet110": {"depth": 11, "alpha": 8},
+    "densenet": {"depth": 10, "growth_rate": 4}, "densenet100": {"depth": 10, "growth_rate": 4},
+    "vit": _TINY_VIT, "vit_tiny": _TINY_VIT, "vit_small": _TINY_VIT, "vit_base": _TINY_VIT,
 }
 TFDS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet2012", "food101")
 
@@ -148,6 +150,27 @@ def _tiny(argv) -> list[str]:
     return TINY_STUDY[config.task]
   extra = ["--config.image_size=32"] if config.dataset in ("imagenet2012", "food101") else []
   return TINY_TRAIN + extra
+
+
+def _tiny_checkpoint(argv, tmp: pathlib.Path) -> list[str]:
+  """A command that starts from a published ViT checkpoint (``model.pretrained`` in its config or
+  on its line) gets one written here in the AugReg layout for the tiny model, at 224 px with
+  1000 classes as published, in place of the file it names (which is not here)."""
+  import runpy  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import models  # pylint: disable=g-import-not-at-top
+  from tests import pretrained_reference  # pylint: disable=g-import-not-at-top
+  path, variant = _config_of(argv)
+  config = runpy.run_path(str(ROOT / path))["get_config"](*([variant] if variant else []))
+  given = _flag(argv, "--config.model.pretrained")
+  if not (config.model.get("pretrained") if given is None else given):
+    return []
+  kwargs = {k: v for k, v in config.model.items() if k not in ("name", "pretrained")}
+  vit = models.get_model(config.model.name, 1000, **kwargs)
+  file = tmp / f"tiny_{config.model.name}_augreg.npz"
+  np.savez(file, **pretrained_reference.augreg_vit(
+      hidden=vit.hidden_size, depth=vit.depth, heads=vit.num_heads, mlp=vit.mlp_dim,
+      patch=vit.patch_size, grid=224 // vit.patch_size, classes=1000, token=vit.pool == "token"))
+  return [f"--config.model.pretrained={file}"]
 
 
 @contextlib.contextmanager
@@ -267,11 +290,13 @@ def test_documented_command_runs(where, command, workdirs, monkeypatch, capsys):
       return
     if module == "main":
       from nonuniform_jax import main  # pylint: disable=g-import-not-at-top
-      argv += _tiny(argv)
+      argv += _tiny(argv) + _tiny_checkpoint(argv, workdirs)
       with _mock_tfds_if_needed(argv):
         status = main.command(argv)
       assert status == 0, (where, command)
       out = capsys.readouterr().out
+      if _flag(argv, "--config.model.pretrained"):
+        assert "parameters from " in out and "new classifier" in out, out
       if "test accuracy" in out and "label_noise" in command:
         import json  # pylint: disable=g-import-not-at-top
         i = next(i for i, a in enumerate(argv) if a.startswith("--workdir"))

@@ -26,10 +26,10 @@ NUM_CLASSES = 7
 # counts, so test_parameter_counts reuses the traces (the side only matters to the ViT position
 # embeddings, tracing costs the same at any side).
 TRACE_SETTINGS = {"resnet18": (1000, 16), "resnet50": (1000, 16), "vit_tiny": (1000, 224),
-                  "vit_small": (1000, 224)}
+                  "vit_small": (1000, 224), "vit_base": (1000, 224)}
 HAS_BATCHNORM = {"cifar_resnet", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50",
                  "preact_resnet18", "wide_resnet", "wrn16_8", "wrn28_6", "wrn28_10", "wrn58_6",
-                 "vgg16_bn", "pyramidnet110", "densenet100"}
+                 "vgg16_bn", "pyramidnet", "pyramidnet110", "densenet", "densenet100"}
 
 
 def _images(side, batch=2, seed=0):
@@ -185,7 +185,9 @@ PARAMETER_COUNTS = [
     # (basic units; Han et al.: 1.7M) and densenet100_k12_bc_cifar10 (Huang et al.: 0.8M).
     ("pyramidnet110", {"bottleneck": False}, 10, 8, 1_772_706),
     ("densenet100", {}, 10, 8, 769_162),
-    # timm vit_small_patch16_224 / vit_tiny_patch16_224 (22.05M / 5.72M).
+    # timm vit_base_patch16_224 / vit_small_patch16_224 / vit_tiny_patch16_224 (86.57M / 22.05M
+    # / 5.72M).
+    ("vit_base", {}, 1000, 224, 86_567_656),
     ("vit_small", {}, 1000, 224, 22_050_664),
     ("vit_tiny", {}, 1000, 224, 5_717_416),
 ]
@@ -247,6 +249,19 @@ def test_dropout_in_training_mode_only(name, kwargs):
                                                        rngs={"dropout": key(3)}))
   with pytest.raises(flax.errors.InvalidRngError):
     model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+
+def test_vit_resize():
+  """``resize``: the image is resized (bilinear) on the device before the patches are cut, so
+  the position embeddings follow the resized grid; a constant image stays constant."""
+  model = get_model("vit", 3, patch_size=4, hidden_size=8, depth=1, num_heads=2, mlp_dim=16,
+                    resize=16)
+  small, large = jnp.full((1, 8, 8, 3), 0.3), jnp.full((1, 16, 16, 3), 0.3)
+  variables = _host_variables(_shapes(model, small))
+  assert variables["params"]["pos_embedding"].shape == (1, 17, 8)   # (16/4)² + 1
+  unresized = get_model("vit", 3, patch_size=4, hidden_size=8, depth=1, num_heads=2, mlp_dim=16)
+  np.testing.assert_allclose(model.apply(variables, small), unresized.apply(variables, large),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_vit_pooling_and_patch_size():

@@ -23,6 +23,8 @@ def test_every_combination_checks(setup, method):
     assert c.csam.metric == ("kfac" if method == "csam_kfac" else "identity")
   if setup == "cifar10_resnet20" and method == "csam":
     assert c.csam.alpha == 0.6
+  if method.startswith("csam") and "pyramidnet" in setup:
+    assert c.csam.alpha == 0.4
   # The authors' base for every method and setup (the MNIST MLP's own config is plain SGD).
   assert (c.optimizer.name if method == "sgd" else c.optimizer.base) == "sgd"
   assert (c.optimizer.momentum, c.schedule.name, c.optimizer.learning_rate,

@@ -1,6 +1,7 @@
 """Flax (linen) models, one family per file, found by name.
 
-``get_model(name, num_classes, **kwargs)`` builds one; ``MODELS`` lists the names. Every model
+``get_model(name, num_classes, **kwargs)`` builds one; ``MODELS`` lists the names;
+``pretrained`` loads published ViT and ResNet checkpoints into them. Every model
 is called as ``model.apply(variables, x, train=...)`` and builds its Dense and Conv layers from
 ``nonuniform_jax.models.layers`` so the Kronecker factors can be captured.
 """
@@ -10,6 +11,7 @@ import dataclasses
 from nonuniform_jax import checks
 from nonuniform_jax.models import (cnn, densenet, mlp, preact_resnet, pyramidnet, resnet, vgg, vit,
                                    wide_resnet)
+from nonuniform_jax.models import pretrained  # after the families, which it reads
 
 # name -> (module class, preset keyword arguments); the generic names ("cifar_resnet",
 # "wide_resnet", "vit") take the class defaults, and any preset can be overridden by keyword.
@@ -32,14 +34,19 @@ MODELS = {
     "wrn28_10": (wide_resnet.WideResNet, {"depth": 28, "widen_factor": 10}),
     "wrn58_6": (wide_resnet.WideResNet, {"depth": 58, "widen_factor": 6}),
     "vgg16_bn": (vgg.VGG, {"stages": vgg.VGG16}),
+    "pyramidnet": (pyramidnet.PyramidNet, {}),
     "pyramidnet110": (pyramidnet.PyramidNet, {"depth": 110, "alpha": 48, "bottleneck": True}),
+    "densenet": (densenet.DenseNet, {}),
     "densenet100": (densenet.DenseNet, {"depth": 100, "growth_rate": 12}),
     "vit": (vit.VisionTransformer, {}),
-    # ViT-Ti/16 and ViT-S/16 (for 224×224 images; pass patch_size=4 for 32×32 ones)
+    # ViT-Ti/16, ViT-S/16 and ViT-B/16 (for 224×224 images; pass patch_size=4 for 32×32 ones,
+    # or resize=224 to resize them)
     "vit_tiny": (vit.VisionTransformer, {"patch_size": 16, "hidden_size": 192, "depth": 12,
                                          "num_heads": 3, "mlp_dim": 768}),
     "vit_small": (vit.VisionTransformer, {"patch_size": 16, "hidden_size": 384, "depth": 12,
                                           "num_heads": 6, "mlp_dim": 1536}),
+    "vit_base": (vit.VisionTransformer, {"patch_size": 16, "hidden_size": 768, "depth": 12,
+                                         "num_heads": 12, "mlp_dim": 3072}),
 }
 
 

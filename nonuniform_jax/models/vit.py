@@ -7,7 +7,9 @@ blocks x ← x + MHA(LN(x)), x ← x + MLP(LN(x)) follow (MLP: Dense(mlp_dim)-GE
 a final LayerNorm, then the class token (or the mean over tokens, ``pool="gap"``) goes to the
 classifier. Dropout (``dropout_rate``) follows the embedding, the attention output and both MLP
 layers; ``attention_dropout_rate`` drops attention probabilities; both draw from the
-``'dropout'`` rng collection in training mode only.
+``'dropout'`` rng collection in training mode only. With ``resize`` set, the image is first
+resized (bilinear) to ``resize``×``resize`` pixels: fine-tuning at 224 px on 32-pixel CIFAR
+images, resized on the device rather than stored at 224 px.
 
 Every projection, the query/key/value/output ones included, is a ``layers.Dense`` so the
 Kronecker-factor captures see it. The parameter names are those of the original implementation
@@ -15,14 +17,17 @@ Kronecker-factor captures see it. The parameter names are those of the original 
 ``encoderblock_i/{LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
 LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}}``, ``encoder_norm``, ``head``) with its
 ``Transformer/`` and ``posembed_input/`` scopes flattened and its attention kernels
-([hidden, heads, head_dim]; [heads, head_dim, hidden] for ``out``) stored as [hidden, hidden]: a
-checkpoint loader renames and reshapes. ViT-S/16 at 224×224 with 1000 classes has 22,050,664 parameters.
+([hidden, heads, head_dim]; [heads, head_dim, hidden] for ``out``) stored as [hidden, hidden]:
+``models.pretrained`` renames and reshapes when it loads a published checkpoint. ViT-Ti/16,
+ViT-S/16 and ViT-B/16 at 224×224 with 1000 classes have 5,717,416, 22,050,664 and 86,567,656
+parameters.
 
 The position embeddings fix the number of patches at initialisation: apply at the image size
-used for ``init``.
+used for ``init`` (or set ``resize``).
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from nonuniform_jax import checks
@@ -87,6 +92,7 @@ class VisionTransformer(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   pool: str = "token"
+  resize: int | None = None     # > 0: images resized (bilinear) to resize × resize first
 
   def __post_init__(self):
     checks.choice("ViT pool", self.pool, POOLS)
@@ -97,6 +103,8 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if self.resize:
+      x = jax.image.resize(x, (x.shape[0], self.resize, self.resize, x.shape[-1]), "bilinear")
     p = self.patch_size
     if x.shape[1] % p or x.shape[2] % p:
       raise ValueError(f"image size {x.shape[1:3]} is not a multiple of patch_size {p}")
