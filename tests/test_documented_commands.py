@@ -162,7 +162,7 @@ def _tiny_checkpoint(argv, tmp: pathlib.Path) -> list[str]:
   path, variant = _config_of(argv)
   config = runpy.run_path(str(ROOT / path))["get_config"](*([variant] if variant else []))
   given = _flag(argv, "--config.model.pretrained")
-  if not (config.model.get("pretrained") if given is None else given):
+  if "model" not in config or not (config.model.get("pretrained") if given is None else given):
     return []
   kwargs = {k: v for k, v in config.model.items() if k not in ("name", "pretrained")}
   vit = models.get_model(config.model.name, 1000, **kwargs)
