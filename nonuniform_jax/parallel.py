@@ -1,7 +1,9 @@
-"""Meshes and shardings: data parallelism with ``jax.jit`` and ``NamedSharding``.
+"""Meshes and shardings (data parallelism with ``jax.jit`` and ``NamedSharding``), and the
+multi-process runtime: start-up, a coordinated stop, and the loss of a process.
 
 The batch is sharded along the mesh axis ``'data'``; parameters and optimizer state are
-replicated. The same code runs on one CPU, several GPUs or a TPU pod slice.
+replicated. The same code runs on one CPU, several GPUs, a TPU pod slice, or several processes
+on one machine (``launch/local_multiprocess.sh``).
 
 XLA:CPU runs each device's share of a multi-device program on a thread of one pool, which it
 sizes to the device count. The launch of the next program takes threads of that pool too, and
@@ -16,14 +18,31 @@ never need more than twice the local devices, so this module asks for that many 
 ``initialize_distributed``; ``data_mesh`` refuses a mesh whose backend started with fewer.
 """
 
+import atexit
 import os
 import re
+import signal
+import sys
+import threading
+import time
+from typing import Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+
+# A process whose heartbeat (every HEARTBEAT_S, from a thread of its own) is missing for
+# PEER_TIMEOUT_S is taken as lost: killed, crashed or hung. JAX's coordination service has its
+# own, longer, heartbeat timeout; when it expires first, JAX's runtime ends the processes itself.
+HEARTBEAT_S = 1.0
+PEER_TIMEOUT_S = 10.0
+JAX_HEARTBEAT_TIMEOUT_S = 30
+# A process that ended (completed, refused, interrupted, failed) while another still runs
+# after this many seconds leaves it waiting for collectives it will never join.
+PEER_ENDED_GRACE_S = 30.0
+SHUTDOWN_TIMEOUT_S = 60
 
 
 def _local_cpu_devices(environ) -> int:
@@ -90,27 +109,126 @@ def device_summary(mesh: Mesh) -> dict:
           "mesh_shape": dict(mesh.shape)}
 
 
-def initialize_distributed(environ=None) -> bool:
+def initialize_distributed(environ=None, on_peer_lost: Callable[[str], None] | None = None
+                           ) -> bool:
   """Starts JAX's multi-process runtime when the environment describes several processes.
 
-  * ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``: explicit (any cluster);
+  * ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``: explicit (any cluster,
+    and ``launch/local_multiprocess.sh`` on one machine);
   * SLURM with more than one task (``SLURM_NTASKS``), or a TPU VM pod slice
     (``TPU_WORKER_HOSTNAMES`` listing several hosts): detected by ``jax.distributed.initialize``.
+
+  On CPU the processes' collectives go through gloo (TCP). Then:
+
+  * SIGTERM (and Ctrl-C, turned into SIGTERM) goes to JAX's preemption service, which agrees
+    with the other processes on a step at which all stop (``stop_requested``);
+  * a thread publishes this process's heartbeat and watches the others': a process silent for
+    ``PEER_TIMEOUT_S`` (killed, crashed, hung), or still running ``PEER_ENDED_GRACE_S`` after
+    another ended, calls ``on_peer_lost(message)`` (one line), which must end the process
+    (default: print it and exit with status 1) — not wait minutes in a collective that the lost
+    process will never join.
 
   Must run before any JAX computation. Returns whether it started the runtime.
   """
   env = os.environ if environ is None else environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    reserve_cpu_threads(env)
-    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=int(env["JAX_NUM_PROCESSES"]),
-                               process_id=int(env["JAX_PROCESS_ID"]))
-    return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-    reserve_cpu_threads(env)
-    jax.distributed.initialize()
-    return True
-  return False
+  explicit = bool(env.get("JAX_COORDINATOR_ADDRESS"))
+  if not explicit and not (int(env.get("SLURM_NTASKS", "1")) > 1
+                           or "," in env.get("TPU_WORKER_HOSTNAMES", "")):
+    return False
+  reserve_cpu_threads(env)
+  # Read by the CPU backend only (GPUs and TPUs have their own collectives).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  where = (dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(env["JAX_NUM_PROCESSES"]),
+                process_id=int(env["JAX_PROCESS_ID"])) if explicit else {})
+  jax.distributed.initialize(**where, heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT_S,
+                             shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+  signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+  _PeerWatch(on_peer_lost or _exit_lost).start()
+  return True
+
+
+def stop_requested(iteration: int) -> bool:
+  """Whether every process stops before its ``iteration``-th step (counted from 1 in this
+  run): True at the same iteration on every process once any of them received SIGTERM (JAX's
+  preemption sync point); always False in a single process, where SIGTERM interrupts."""
+  if jax.process_count() == 1:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.reached_preemption_sync_point(iteration))
+
+
+def _exit_lost(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  os._exit(1)
+
+
+class _PeerWatch(threading.Thread):
+  """The heartbeat of this process and the watch on the others' (``initialize_distributed``),
+  through the coordination service's key-value store: key ``nonuniform_jax/alive/<process>``
+  holds a counter, or ``ended`` once the process exits."""
+
+  PREFIX = "nonuniform_jax/alive/"
+
+  def __init__(self, on_lost: Callable[[str], None]):
+    super().__init__(name="peer-watch", daemon=True)
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    self.client = distributed.global_state.client
+    self.index, self.count = jax.process_index(), jax.process_count()
+    self.on_lost = on_lost
+    self.ended = threading.Event()
+    atexit.register(self._end)   # runs before JAX's own shutdown (registered earlier)
+
+  def _end(self) -> None:
+    self.ended.set()
+    try:
+      self.client.key_value_set(self.PREFIX + str(self.index), "ended", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+  def run(self) -> None:
+    started = time.monotonic()
+    seen = {p: (None, started) for p in range(self.count) if p != self.index}
+    beat, unreachable_since = 0, None
+    while not self.ended.wait(HEARTBEAT_S):
+      now = time.monotonic()
+      try:
+        beat += 1
+        self.client.key_value_set(self.PREFIX + str(self.index), str(beat), allow_overwrite=True)
+        values = {p: self._get(p) for p in seen}
+        unreachable_since = None
+      except Exception as e:  # pylint: disable=broad-except
+        unreachable_since = unreachable_since or now
+        if now - unreachable_since > PEER_TIMEOUT_S and not self.ended.is_set():
+          self.on_lost(f"process {self.index} of {self.count} lost the coordinator (process 0) "
+                       f"for {PEER_TIMEOUT_S:.0f} s ({type(e).__name__}); stopping; run the "
+                       "same command to resume from the last checkpoint")
+        continue
+      for p, value in values.items():
+        last, since = seen[p]
+        if value != last:
+          seen[p] = (value, now)
+          continue
+        quiet = now - since
+        if value == "ended" and quiet > PEER_ENDED_GRACE_S:
+          lost = f"process {p} of {self.count} ended {quiet:.0f} s ago while this one runs"
+        elif value != "ended" and quiet > PEER_TIMEOUT_S:
+          lost = (f"process {p} of {self.count} stopped responding (no heartbeat for "
+                  f"{quiet:.0f} s: killed, crashed or hung)")
+        else:
+          continue
+        if not self.ended.is_set():
+          self.on_lost(f"{lost}; process {self.index} stops too; run the same command to "
+                       "resume from the last checkpoint")
+        return
+
+  def _get(self, p: int) -> str | None:
+    try:
+      return self.client.key_value_try_get(self.PREFIX + str(p))
+    except Exception as e:  # pylint: disable=broad-except
+      if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+        return None   # it has not published yet
+      raise
 
 
 def state_shardings(state, mesh: Mesh, fully_sharded: bool = False):
@@ -131,3 +249,4 @@ def state_shardings(state, mesh: Mesh, fully_sharded: bool = False):
     return replicated(mesh)
 
   return jax.tree.map(spec, state)
+
