@@ -250,3 +250,19 @@ def state_shardings(state, mesh: Mesh, fully_sharded: bool = False):
 
   return jax.tree.map(spec, state)
 
+
+def host_local(tree):
+  """``tree``'s arrays whole on this process's first device: for computations that each process
+  runs alone on the same inputs (the measures). A replicated array is read from its local copy;
+  one sharded across processes is gathered (a collective: every process must call this)."""
+  def local(x):
+    if not isinstance(x, jax.Array):
+      return x
+    if x.is_fully_replicated:
+      return x.addressable_data(0)
+    if x.is_fully_addressable:
+      return jax.device_put(x, jax.local_devices()[0])
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return jax.device_put(multihost_utils.process_allgather(x, tiled=True),
+                          jax.local_devices()[0])
+  return jax.tree.map(local, tree)

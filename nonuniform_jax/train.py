@@ -83,7 +83,7 @@ def build(plan: plan_lib.Plan) -> Run:
       augment=d.augment, image_size=d.image_size, num_train_examples=d.num_train_examples,
       train_eval_examples=d.train_eval_examples, label_noise=d.label_noise,
       label_noise_rate=d.label_noise_rate, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), num_shards=plan.devices.num_devices)
   num_steps = plan.total_steps(ds.num_train)
   model = plan.model.build(ds.num_classes)
   x = jnp.zeros((1,) + tuple(ds.input_shape), jnp.float32)
@@ -169,6 +169,7 @@ def _loop(plan: plan_lib.Plan, run: Run, state, start: int, ckpts, rec) -> int |
   several processes, all stop before the same step (``parallel.stop_requested``)."""
   train_step = jit_train_step(plan, run)
   eval_step = jax.jit(steps.make_eval_step(run.objective))
+  # The global subset, the same on every process (each measures it alone: see _measure).
   measured_subset = (evaluators.subset_batches(run.datasets.train_eval,
                                                plan.measures.num_examples,
                                                plan.measures.batch_size)
@@ -234,11 +235,14 @@ def jit_train_step(plan: plan_lib.Plan, run: Run):
 
 
 def _measure(plan: plan_lib.Plan, run: Run, state, due, subset) -> dict:
-  """The measures due now, on the fixed training subset."""
+  """The measures due now, on the fixed training subset. Each process computes them alone on
+  one of its devices, from the same parameters and the same (global) subset, so every process
+  holds the values that process 0 logs, and they are those of one process."""
   if not due:
     return {}
+  params, batch_stats = parallel.host_local((state.params, state.batch_stats))
   return evaluators.run([m.name for m in due], {m.name: m.settings for m in due},
-                        run.objective, state.params, state.batch_stats, subset,
+                        run.objective, params, batch_stats, subset,
                         bn_mode=plan.measures.bn_mode, seed=plan.measures.seed,
                         num_classes=run.datasets.num_classes)
 
