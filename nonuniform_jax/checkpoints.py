@@ -156,21 +156,28 @@ class Checkpoints:
       try:
         return self.restore(step, like)
       except CorruptCheckpoint as e:
-        moved = self._quarantine(step) if quarantine and jax.process_index() == 0 else None
+        moved = self._quarantine(step) if quarantine else None
         print(f"warning: checkpoint {e.path} is {e.reason}"
               + (f"; moved to {moved}" if moved else "") + "; falling back to the one before",
               file=sys.stderr)
         logging.info("corrupt checkpoint %s: %s", e.path, e.reason)
     return None
 
-  def _quarantine(self, step: int) -> epath.Path:
-    """Moves checkpoint ``step`` to ``checkpoints_corrupt/step[.k]`` and forgets it."""
-    target_dir = self.directory.parent / CORRUPT_DIR
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target, k = target_dir / str(step), 1
-    while target.exists():
-      target, k = target_dir / f"{step}.{k}", k + 1
-    (self.directory / str(step)).rename(target)
+  def _quarantine(self, step: int) -> epath.Path | None:
+    """Moves checkpoint ``step`` to ``checkpoints_corrupt/step[.k]`` (process 0) and forgets it
+    (every process, after process 0 has moved it: reloading may be collective in Orbax).
+    Returns where it went (process 0; None on the others)."""
+    target = None
+    if jax.process_index() == 0:
+      target_dir = self.directory.parent / CORRUPT_DIR
+      target_dir.mkdir(parents=True, exist_ok=True)
+      target, k = target_dir / str(step), 1
+      while target.exists():
+        target, k = target_dir / f"{step}.{k}", k + 1
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
     if self._manager is not None:
       self._manager.reload()
     return target
@@ -206,14 +213,19 @@ def _quiet_failures():
 
 def read_state(workdir: str, step: int | None = None) -> dict:
   """The train state saved in ``workdir`` at ``step`` (default: the newest) as a nested dict of
-  arrays (``step``, ``params``, ``batch_stats``, ``opt_state``), without a template: for looking
-  at a run's weights outside the trainer."""
+  arrays (``step``, ``params``, ``batch_stats``, ``opt_state``) on this process's first device,
+  without a template, whatever devices and processes wrote it: for looking at a run's weights
+  outside the trainer."""
   ckpts = Checkpoints(workdir, 1)
   step = ckpts.steps()[-1] if step is None else step
   ocp = ckpts._ocp  # pylint: disable=protected-access
   path = ckpts.directory / str(step)
-  item = "default" if (path / "default").exists() else "state"
-  return ocp.StandardCheckpointer().restore(path / item)
+  path = path / ("default" if (path / "default").exists() else "state")
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        checkpointer.metadata(path).item_metadata)
+  return checkpointer.restore(path, target)
 
 
 class CorruptCheckpoint(Exception):

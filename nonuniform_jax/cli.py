@@ -5,6 +5,8 @@ Exit statuses (every command):
     0    completed
     2    bad input: a setting, a config file, a workdir — one line on stderr, nothing written
     3    the run diverged (a non-finite training loss); its summary says at which step
+    69   another process of a multi-process run was lost (killed, crashed, hung) or ended
+         while this one ran: one line naming it; the same command resumes
     75   the disk filled up: one line naming the path and its free space; nothing already
          saved is lost, and the same command resumes once there is room
     130  interrupted (Ctrl-C or SIGTERM) after finishing the checkpoint being written; the
@@ -18,8 +20,10 @@ oneDNN setting does not change).
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 
@@ -29,6 +33,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # its oneDNN banner (print
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_PEER_LOST = 69
 EXIT_DISK_FULL = 75
 EXIT_INTERRUPTED = 130
 
@@ -88,6 +93,16 @@ def fail(message: str, status: int = EXIT_BAD_INPUT):
 _PROGRAM = []   # set when a command runs as the process's program (not called in-process)
 
 
+def peer_lost(message: str) -> None:
+  """Ends this process at once with ``error: message`` and status 69: another process of the
+  run is gone, so every collective would wait for it (``parallel.initialize_distributed``
+  calls this from its watch thread). Nothing is half-written: every file is renamed into
+  place, and a checkpoint left unfinished is not one Orbax reads back."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(EXIT_PEER_LOST)
+
+
 def as_program() -> None:
   """Marks this process as running a command (``python -m nonuniform_jax.X``): SIGTERM
   (a scheduler's preemption, ``timeout``, ``kill``) then stops it as Ctrl-C does — the run
@@ -145,3 +160,75 @@ def guarded(fn, workdir: str | None = None):
       logging.debug("bad input", exc_info=True)
       fail(e)
     raise
+
+
+# What JAX's C++ runtime and gloo write to the process's own stdout and stderr in a
+# multi-process run: a banner per device and process at the first collective, and, when another
+# process is lost and JAX's runtime ends this one itself (it does so at once when the lost one
+# was the coordinator, process 0), a fatal log with a stack trace, after error logs of its own.
+# Gloo's threads write the banner's pieces (text, a number, text...) concurrently, so the pieces
+# of several banners interleave, and a line may hold only a number of one.
+_BANNER = re.compile(rb"\[Gloo\] Rank \d*| is connected to \d*| peer ranks\. Expected number "
+                     rb"of connected peer ranks is : \d*")
+_BANNER_LEFTOVER = re.compile(rb"\s*\d*\s*")
+_RUNTIME_ERROR = re.compile(rb"^E\d{4} [\d:.]+ +\d+ (coordination_service_agent|preemption_sync_"
+                            rb"manager|coordination_service)\.cc:\d+\]")
+_FATAL = re.compile(rb"Terminating process because the JAX distributed service detected fatal "
+                    rb"errors.*?(?:absl::Status: ([^\n]*))?$|^terminate called after throwing an "
+                    rb"instance of 'gloo::")
+
+
+def one_line_runtime_errors(process_index: int, process_count: int) -> None:
+  """Routes this process's stdout and stderr (file descriptors 1 and 2, where JAX's C++ runtime
+  and gloo write as well as Python) through a small filter process: gloo's banners are dropped,
+  and when JAX's runtime ends this process because another was lost, its fatal log, stack trace
+  and the error logs before it become one line (the exit status is then the abort's, 134).
+  Everything else passes unchanged, progress bars included. The filter ends with this
+  process."""
+  for fd in (1, 2):
+    stream = sys.stdout if fd == 1 else sys.stderr
+    stream.flush()
+    target = os.dup(fd)
+    filter_process = subprocess.Popen(
+        [sys.executable, "-c", "from nonuniform_jax import cli; cli.filter_runtime_output()",
+         str(process_index), str(process_count)],
+        stdin=subprocess.PIPE, stdout=target, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    os.close(target)
+    os.dup2(filter_process.stdin.fileno(), fd)
+    filter_process.stdin.close()
+
+
+def filter_runtime_output() -> None:
+  """The filter process of ``one_line_runtime_errors``: standard input to standard output."""
+  index, count = sys.argv[1:3]
+  read, out = sys.stdin.buffer.raw, sys.stdout.buffer
+  signal.signal(signal.SIGINT, signal.SIG_IGN)   # it ends when its writer does, not before
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  pending, ended = b"", False
+  while chunk := read.read(65536):
+    if ended:
+      continue
+    pending += chunk
+    *lines, pending = pending.split(b"\n")
+    for line in lines:
+      fatal = _FATAL.search(line)
+      if fatal:
+        reason = (fatal.group(1) or b"").decode(errors="replace").strip().rstrip(":")
+        out.write(f"error: process {index} of {count} was ended by JAX's runtime: another process "
+                  f"of the run was lost{f' ({reason})' if reason else ''}; run the same command "
+                  "to resume from the last checkpoint\n".encode())
+        ended = True
+        break
+      if _RUNTIME_ERROR.match(line):
+        continue
+      kept = _BANNER.sub(b"", line)
+      if not _BANNER_LEFTOVER.fullmatch(kept) or (kept == line and not line.strip()):
+        out.write(kept + b"\n")
+    if b"\r" in pending and not ended:   # a progress bar redrawing its line: show it now
+      out.write(pending)
+      pending = b""
+    out.flush()
+  if pending and not ended:
+    out.write(pending)
+    out.flush()

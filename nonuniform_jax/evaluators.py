@@ -97,18 +97,12 @@ def check(names: Sequence[str], settings: dict, bn_mode: str) -> None:
 
 
 def subset_batches(source, num_examples: int, batch_size: int) -> list:
-  """The first ``num_examples`` examples of an evaluation source, as unpadded numpy batches
-  (the last may be smaller)."""
-  out, taken = [], 0
-  for batch in source.eval_batches(batch_size):
-    real = int(np.sum(batch["mask"]))
-    keep = min(real, num_examples - taken)
-    if keep <= 0:
-      break
-    out.append({"inputs": np.asarray(batch["inputs"][:keep]),
-                "labels": np.asarray(batch["labels"][:keep])})
-    taken += keep
-  return out
+  """The first ``num_examples`` examples of an evaluation source (the whole split's, whichever
+  process calls this: see the sources' ``first_examples``), as unpadded numpy batches of
+  ``batch_size`` (the last may be smaller)."""
+  examples = source.first_examples(num_examples)
+  return [{k: v[i:i + batch_size] for k, v in examples.items()}
+          for i in range(0, len(examples["labels"]), batch_size)]
 
 
 def _jsonable(value) -> Any:

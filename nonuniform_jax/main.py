@@ -3,7 +3,7 @@
 Overrides: ``--config.optimizer.learning_rate=0.05``, ``--config.model.widths='(128,64)'``.
 ``--help`` lists the configs and the most used settings. This file only parses and calls
 ``train.train_and_evaluate``; exit statuses are those of ``nonuniform_jax.cli`` (0 completed,
-2 bad input, 3 diverged, 75 disk full, 130 interrupted).
+2 bad input, 3 diverged, 69 another process lost, 75 disk full, 130 interrupted).
 """
 
 import ast
@@ -56,7 +56,8 @@ def help_text() -> str:
       value = value[part]
     lines.append(f"  --config.{key}={value!r}")
   lines += ["", "exit status: 0 completed, 2 bad input (one line, nothing written), 3 diverged, "
-            "75 disk full, 130 interrupted (the same command resumes)",
+            "69 another process of a multi-process run lost, 75 disk full, 130 interrupted (the "
+            "same command resumes)",
             "measures on a finished run: python -m nonuniform_jax.measure --help"]
   return "\n".join(lines)
 
@@ -165,12 +166,19 @@ def parse(argv) -> tuple:
 def command(argv) -> int:
   """The whole command for ``argv`` (``argv[0]`` is the program): parse, check, train or report.
   Returns the exit status of a run that ended (0, or 3 diverged); the others end the process
-  through ``cli.fail`` (SystemExit with 2, 75 or 130)."""
+  through ``cli.fail`` (SystemExit with 2, 75 or 130) or ``cli.peer_lost`` (69)."""
   config, workdir = parse(argv)
   cli.quiet_logs()
   from nonuniform_jax import parallel, train  # pylint: disable=g-import-not-at-top
-  parallel.initialize_distributed()
-  summary = cli.guarded(lambda: train.train_and_evaluate(config, workdir), workdir)
+
+  def start_and_train():
+    # Several processes (the environment says so): start JAX's runtime before anything else of
+    # JAX, then keep its C++ runtime's messages to one line.
+    if parallel.initialize_distributed(on_peer_lost=cli.peer_lost):
+      import jax  # pylint: disable=g-import-not-at-top
+      cli.one_line_runtime_errors(jax.process_index(), jax.process_count())
+    return train.train_and_evaluate(config, workdir)
+  summary = cli.guarded(start_and_train, workdir)
   return cli.EXIT_DIVERGED if summary.get("status") == "diverged" else cli.EXIT_OK
 
 

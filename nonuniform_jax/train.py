@@ -83,7 +83,7 @@ def build(plan: plan_lib.Plan) -> Run:
       augment=d.augment, image_size=d.image_size, num_train_examples=d.num_train_examples,
       train_eval_examples=d.train_eval_examples, label_noise=d.label_noise,
       label_noise_rate=d.label_noise_rate, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), num_shards=plan.devices.num_devices)
   num_steps = plan.total_steps(ds.num_train)
   model = plan.model.build(ds.num_classes)
   x = jnp.zeros((1,) + tuple(ds.input_shape), jnp.float32)
@@ -136,7 +136,7 @@ def train(plan: plan_lib.Plan, workdir: str) -> dict:
   # Read first: another run holding the workdir or a different config is refused here, and an
   # ended run only reports; then build (what only the data can refuse stops here); only then
   # take the workdir and write to it.
-  wd.check_free(workdir)
+  _on_process_0(lambda: wd.check_free(workdir), workdir)
   status = wd.prepare(workdir, plan.config, plan.overwrite, write=False,
                       checkpoints=_checkpoint_facts(ckpts))
   if status in ("completed", "diverged"):
@@ -157,7 +157,8 @@ def train(plan: plan_lib.Plan, workdir: str) -> dict:
       # The data facts as soon as they are known: a run that dies early still says what it
       # trained on.
       wd.write_json(os.path.join(workdir, wd.DATASET_FILE), run.datasets.info)
-    print(_start_line(plan, run, workdir, start), flush=True)
+    if jax.process_index() == 0:
+      print(_start_line(plan, run, workdir, start), flush=True)
     state = restored.state if restored else run.state
     try:
       diverged_step = _loop(plan, run, state, start, ckpts, rec)
@@ -169,16 +170,19 @@ def train(plan: plan_lib.Plan, workdir: str) -> dict:
       final = _evaluate_state(plan, run, state)
     summary = _summary(plan, run, diverged_step, final, rec, ckpts, time.time() - started)
     rec.write_summary(summary)
-  print(_final_line(summary))
+  if jax.process_index() == 0:
+    print(_final_line(summary))
   return summary
 
 
 def _loop(plan: plan_lib.Plan, run: Run, state, start: int, ckpts, rec) -> int | None:
   """Trains from step ``start`` to ``run.num_steps``: logs, evaluates, measures and saves on
   their schedules. Returns the first step whose loss was not finite (None if none). Ctrl-C or
-  SIGTERM ends it with ``Interrupted``, after the checkpoint being written is finished."""
+  SIGTERM ends it with ``Interrupted``, after the checkpoint being written is finished; with
+  several processes, all stop before the same step (``parallel.stop_requested``)."""
   train_step = jit_train_step(plan, run)
   eval_step = jax.jit(steps.make_eval_step(run.objective))
+  # The global subset, the same on every process (each measures it alone: see _measure).
   measured_subset = (evaluators.subset_batches(run.datasets.train_eval,
                                                plan.measures.num_examples,
                                                plan.measures.batch_size)
@@ -190,6 +194,8 @@ def _loop(plan: plan_lib.Plan, run: Run, state, start: int, ckpts, rec) -> int |
   window, window_start, window_time, done = [], start, time.time(), start
   try:
     for step in range(start + 1, run.num_steps + 1):
+      if parallel.stop_requested(step - start):
+        raise KeyboardInterrupt("SIGTERM")
       # K-FAC statistics refresh on update indices 0, stats_every, ...: told to the step as a
       # static bool (two programs) rather than a traced lax.cond, which XLA:CPU runs slower.
       due = (step - 1) % stats_every == 0 if stats_every else None
@@ -242,11 +248,14 @@ def jit_train_step(plan: plan_lib.Plan, run: Run):
 
 
 def _measure(plan: plan_lib.Plan, run: Run, state, due, subset) -> dict:
-  """The measures due now, on the fixed training subset."""
+  """The measures due now, on the fixed training subset. Each process computes them alone on
+  one of its devices, from the same parameters and the same (global) subset, so every process
+  holds the values that process 0 logs, and they are those of one process."""
   if not due:
     return {}
+  params, batch_stats = parallel.host_local((state.params, state.batch_stats))
   return evaluators.run([m.name for m in due], {m.name: m.settings for m in due},
-                        run.objective, state.params, state.batch_stats, subset,
+                        run.objective, params, batch_stats, subset,
                         bn_mode=plan.measures.bn_mode, seed=plan.measures.seed,
                         num_classes=run.datasets.num_classes)
 
@@ -287,21 +296,28 @@ def _evaluate_state(plan: plan_lib.Plan, run: Run, state, eval_step=None) -> dic
 def owned(workdir: str):
   """Holds the workdir's lock for the block (``workdir.locked``): process 0 takes it, and every
   process learns whether it did, so that all refuse alike when another run holds it."""
+  with contextlib.ExitStack() as stack:
+    _on_process_0(lambda: stack.enter_context(wd.locked(workdir)), workdir)
+    yield
+
+
+def _on_process_0(claim, workdir: str) -> None:
+  """Runs ``claim`` (a look at or a hold of the workdir's lock) on process 0 alone, and raises
+  its ``WorkdirBusy`` on every process: the others would see process 0's own hold, and all must
+  refuse together or none (one refusing alone leaves the others waiting in a collective)."""
   if jax.process_count() == 1:
-    with wd.locked(workdir):
-      yield
+    claim()
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  with contextlib.ExitStack() as stack:
-    error = None
-    if jax.process_index() == 0:
-      try:
-        stack.enter_context(wd.locked(workdir))
-      except wd.WorkdirBusy as e:
-        error = e
-    if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
-      raise error or wd.WorkdirBusy(f"workdir {workdir!r} is in use by another run")
-    yield
+  error = None
+  if jax.process_index() == 0:
+    try:
+      claim()
+    except wd.WorkdirBusy as e:
+      error = e
+  if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+    raise error or wd.WorkdirBusy(f"workdir {workdir!r} is in use by another run (process 0 "
+                                  "names it)")
 
 
 def _checkpoint_facts(ckpts: checkpoints.Checkpoints) -> tuple[bool, dict | None]:

@@ -225,6 +225,29 @@ def test_streaming_subset_over_two_processes(long_files):
     stream(long_files, "train", 0, 1, subset=[3, 3, 5])
 
 
+@pytest.mark.parametrize("subset", [False, True], ids=["split", "subset"])
+def test_streaming_batches_depend_on_shards_not_processes(long_files, subset):
+  """4 shards (the trainer: one per device) read by 1 process, or by 2 processes reading 2
+  each: the same global batches across epochs and after a resumption, every example evaluated
+  once, the same first examples."""
+  kwargs = {"subset": pipeline.seeded_subset(7, pipeline.STREAM_SUBSET, 40, 24)} if subset else {}
+  one = stream(long_files, "train", 0, 1, num_shards=4, **kwargs)
+  two = [stream(long_files, "train", p, 2, num_shards=4, **kwargs) for p in (0, 1)]
+  assert one.steps_per_epoch(8) == two[0].steps_per_epoch(8) == (3 if subset else 5)
+  for start, count in ((0, 6), (4, 2)):
+    joined = [{k: np.concatenate([a[k], b[k]]) for k in a}
+              for a, b in zip(*[take(s.train_batches(8, seed=3, start_step=start), count)
+                                for s in two])]
+    assert_batches_equal(take(one.train_batches(8, seed=3, start_step=start), count), joined)
+  seen = np.concatenate([masked_labels(s.eval_batches(6)) for s in two])
+  np.testing.assert_array_equal(np.sort(seen), np.sort(masked_labels(one.eval_batches(6))))
+  assert len(seen) == (24 if subset else 40) == len(set(seen))
+  np.testing.assert_array_equal(one.first_examples(30)["labels"], masked_labels(
+      one.eval_batches(6))[:30])
+  with pytest.raises(ValueError, match="multiple of the process count"):
+    stream(long_files, "train", 0, 2, num_shards=3)
+
+
 def mock_examples(source):
   """(label, centre-crop bytes) of the source's examples, in reading order."""
   return [(int(label), x.tobytes()) for b in source.eval_batches(8)

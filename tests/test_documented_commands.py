@@ -337,6 +337,9 @@ def test_documented_command_runs(where, command, workdirs, monkeypatch, capsys):
       env["PYTHONPATH"] = f"{ROOT / 'tests' / 'mock_tfds'}:{ROOT}"
       env["NONUNIFORM_JAX_MOCK_TFDS"] = "1"
       args += TINY_TRAIN
+    if program == "launch/local_multiprocess.sh":   # tiny, with this interpreter
+      env["PYTHON"] = sys.executable
+      args += TINY_TRAIN
     result = subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-2000:])

@@ -36,6 +36,21 @@ def test_on_8_simulated_devices():
   assert " passed" in result.stdout and "skipped" in result.stdout
 
 
+@needs_8
+def test_default_command_on_8_devices(tmp_path, capsys):
+  """The default command, 300 steps of up to 100 between host syncs: XLA:CPU's thread pool
+  deadlocked it (an all-reduce waiting for a device whose thread the next step's launch held;
+  aborted after 40 s) until nonuniform_jax.parallel asked for twice as many threads as
+  devices."""
+  from nonuniform_jax import main  # pylint: disable=g-import-not-at-top
+  assert main.command(["nonuniform_jax.main", "--config", str(ROOT / "configs" / "default.py"),
+                       "--workdir", str(tmp_path), "--config.num_steps=300",
+                       "--config.progress=False"]) == 0
+  out = capsys.readouterr().out
+  assert "300 steps of batch 128 on 8 cpu devices" in out and "test accuracy" in out
+  assert int(os.environ["PJRT_NPROC"]) >= 16
+
+
 def _config(**overrides):
   return small_config(num_steps=10, log_every=5, eval_every=10, checkpoint_every=5,
                       **overrides)

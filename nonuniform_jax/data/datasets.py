@@ -66,7 +66,7 @@ def get_datasets(name: str, *, seed: int, batch_size: int | None = None, data_di
                  augment: bool = True, image_size: int = 224, num_train_examples: int = 0,
                  train_eval_examples: int = 4096, label_noise: str = "none",
                  label_noise_rate: float = 0.0, process_index: int = 0,
-                 process_count: int = 1) -> Datasets:
+                 process_count: int = 1, num_shards: int = 0) -> Datasets:
   """Loads dataset ``name`` (one of ``DATASETS``) for this process.
 
   Args:
@@ -86,6 +86,8 @@ def get_datasets(name: str, *, seed: int, batch_size: int | None = None, data_di
       shuffled).
     label_noise, label_noise_rate: see ``label_noise.py``.
     process_index, process_count: this process among the data-parallel processes.
+    num_shards: ImageNet and Food-101: the training stream's shards, a multiple of
+      ``process_count`` (the trainer gives one per device; 0: one per process).
   """
   # Batch sizes are checked where given (the evaluation batch is an argument of eval_batches).
   check_args(name, batch_size=batch_size or process_count, eval_batch_size=process_count,
@@ -99,7 +101,7 @@ def get_datasets(name: str, *, seed: int, batch_size: int | None = None, data_di
     ds = streaming.get_datasets(
         name, seed=seed, data_dir=data_dir, augment=augment, image_size=image_size,
         num_train_examples=num_train_examples, train_eval_examples=train_eval_examples,
-        process_index=process_index, process_count=process_count)
+        process_index=process_index, process_count=process_count, num_shards=num_shards)
   else:
     ds = _in_memory(name, seed=seed, data_dir=data_dir, augment=augment,
                     num_train_examples=num_train_examples,

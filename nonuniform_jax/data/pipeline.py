@@ -137,6 +137,12 @@ class ArraySource:
       yield {"inputs": self.preprocess(x), "labels": self.labels[idx]}
       step += 1
 
+  def first_examples(self, num_examples: int) -> Batch:
+    """The split's first ``num_examples`` examples ``{'inputs', 'labels'}``, preprocessed as in
+    evaluation: the same on every process (each holds the whole split)."""
+    return {"inputs": self.preprocess(self.inputs[:num_examples]),
+            "labels": self.labels[:num_examples]}
+
   def eval_batches(self, batch_size: int) -> Iterator[Batch]:
     """One pass over the split: ``{'inputs', 'labels', 'mask', *extras}`` padded batches.
 

@@ -1,8 +1,11 @@
 """ImageNet and Food-101: tf.data streams with the guarantees of ``pipeline.ArraySource``.
 
-Each process reads its own shard of every split (``tfds.even_splits(split, process_count)``,
-what ``tfds.split_for_jax_process`` does; for a training subset, a range holding its share of
-the subset), so a multi-host run reads each example once per epoch.
+Each process reads its own shards of every split (``tfds.even_splits``, what
+``tfds.split_for_jax_process`` does; for a training subset, ranges holding shares of the
+subset), so a multi-host run reads each example once per epoch. The training split has one
+shard per device, and each device's slice of a batch comes from its own shard, so the batches
+depend on the number of devices but not on how they are grouped into processes: 2 processes of
+4 devices train on what 1 process of 8 does.
 
 Training subsets (``num_train_examples``): ``N`` examples of the training split drawn by the seed,
 as for the in-memory datasets (the same indices on every process). Process ``p`` reads a contiguous
@@ -17,14 +20,15 @@ train-eval subset keeps a cache of its own); otherwise every epoch, and every tr
 the process's whole range again. Counting the subset's classes costs one label-only pass over the
 whole training split on every process at start-up.
 
-Training, epoch ``e`` of process ``p``: TFDS file order (files shuffled by ``(seed, e, p)`` on
-the full split; unshuffled for a subset) and a shuffle buffer seeded from ``(seed, e, p)`` (a
-uniform permutation of the process's subset when it fits in the buffer), the same number of
-steps on every process (the smallest shard decides), and augmentation from stateless ops seeded
-by ``(seed, e, p, position in the epoch)``. The stream of ``train_batches(b, seed,
-start_step=k)`` is therefore a function of ``(seed, step)``: a resumed run rebuilds epoch
+Training, epoch ``e`` of shard ``s``: TFDS file order (files shuffled by ``(seed, e, s)`` on
+the full split; unshuffled for a subset) and a shuffle buffer of ``SHUFFLE_BUFFER / shards``
+(at least ``MIN_SHARD_BUFFER``) examples seeded from ``(seed, e, s)`` (a uniform permutation of
+the shard's part of a subset when it fits in the buffer), the same number of steps for every
+shard (the smallest decides), and augmentation from stateless ops seeded by ``(seed, e, s,
+position in the epoch)``. The stream of ``train_batches(b, seed, start_step=k)`` is therefore a
+function of ``(seed, step)`` and the number of shards: a resumed run rebuilds epoch
 ``k // steps_per_epoch`` and skips its first ``k % steps_per_epoch`` batches before decoding.
-Unlike the in-memory source, the batches depend on the number of processes.
+Unlike the in-memory source, the batches depend on the number of devices.
 
 Preprocessing (Szegedy et al. 2015 as in the Flax ImageNet example): training, Inception crop
 (area 8-100 %, aspect 3/4-4/3) resized to ``image_size`` and a horizontal flip; evaluation (and
@@ -45,7 +49,8 @@ from nonuniform_jax.data.sources import Datasets
 from nonuniform_jax.data.preprocessing import NORMALIZATION
 
 CROP_PADDING = 32
-SHUFFLE_BUFFER = 16_384
+SHUFFLE_BUFFER = 16_384          # over all the training shards together
+MIN_SHARD_BUFFER = 1024
 CACHE_BYTES = 4 * 2**30   # a process keeps its subset's undecoded records in memory up to this
 UNDECODED = {"image": tfds.decode.SkipDecoding()}
 
@@ -147,6 +152,12 @@ def _fits(builder, split: str, count: int, budget: int) -> bool:
 class StreamSource:
   """One split of a TFDS dataset, or a subset of it, streamed through tf.data for this process.
 
+  The split is cut into ``num_shards`` contiguous shards (default: one per process; the trainer
+  uses one per device), and process ``p`` of ``P`` reads shards ``p * S/P`` to ``(p+1) * S/P - 1``.
+  Each shard is shuffled and augmented from its own seeds, and every training batch is the
+  concatenation of one equal slice of it from each shard, in shard order: the stream is a
+  function of ``(seed, step, num_shards)``, the same whichever number of processes reads it.
+
   Args:
     builder: the TFDS builder. split: its split (or a slice such as 'train[:10000]'; a split
       name when ``subset`` is given).
@@ -155,14 +166,22 @@ class StreamSource:
     subset: sorted distinct indices of the examples of ``split`` to use (all processes), or
       None for the whole split. A subset is read in file order, and cached in memory when
       this process's share fits in ``cache_bytes`` (module doc; ``cached`` says which).
+    num_shards: a multiple of ``process_count`` (0: ``process_count``).
+    shuffle_buffer: the shuffle buffer of each shard.
   """
 
   def __init__(self, builder, split, *, train_fn, eval_fn, input_shape, subset=None,
-               process_index=0, process_count=1, shuffle_buffer=SHUFFLE_BUFFER,
+               process_index=0, process_count=1, num_shards=0, shuffle_buffer=SHUFFLE_BUFFER,
                cache_bytes=CACHE_BYTES):
+    num_shards = num_shards or process_count
+    if num_shards % process_count:
+      raise ValueError(f"num_shards={num_shards} must be a multiple of the process count "
+                       f"{process_count}")
     self.builder, self.split = builder, split
+    per_process = num_shards // process_count
+    self.own = range(process_index * per_process, (process_index + 1) * per_process)
     if subset is None:
-      self.shards = tfds.even_splits(split, process_count)
+      self.shards = tfds.even_splits(split, num_shards)
       self.shard_sizes = [num_examples(builder, s) for s in self.shards]
       self.num_examples = num_examples(builder, split)
     else:
@@ -171,86 +190,147 @@ class StreamSource:
               np.all(np.diff(subset) > 0)):
         raise ValueError(f"subset of {len(subset)} indices must be sorted, distinct and in "
                          f"[0, {total}) for split {split!r}")
-      bounds = subset_bounds(subset, total, process_count)
+      bounds = subset_bounds(subset, total, num_shards)
       self.shard_sizes = np.diff(np.searchsorted(subset, bounds)).tolist()
       self.num_examples = len(subset)
-      self._range = bounds[process_index], bounds[process_index + 1]
-      share = self.shard_sizes[process_index]
-      self.cached = share <= shuffle_buffer and _fits(builder, split, share, cache_bytes)
+      self._ranges = {s: (bounds[s], bounds[s + 1]) for s in self.own}
+      shares = [self.shard_sizes[s] for s in self.own]
+      self.cached = (max(shares) <= shuffle_buffer
+                     and _fits(builder, split, sum(shares), cache_bytes))
     self.subset = subset
     self.train_fn, self.eval_fn = train_fn, eval_fn
     self.input_shape = tuple(input_shape)
     self.process_index, self.process_count = process_index, process_count
+    self.num_shards = num_shards
     self.shuffle_buffer = shuffle_buffer
 
+  def _shard_batch(self, batch_size: int) -> int:
+    if batch_size <= 0 or batch_size % self.num_shards:
+      raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
+                       f"{self.num_shards} shards")
+    return batch_size // self.num_shards
+
   def steps_per_epoch(self, batch_size: int) -> int:
-    return min(self.shard_sizes) // pipeline.local_batch_size(batch_size, self.process_count)
+    return min(self.shard_sizes) // self._shard_batch(batch_size)
 
   @functools.cached_property
-  def _subset_records(self) -> tf.data.Dataset:
-    ds = read_subset(self.builder, self.split, self.subset, *self._range)
-    return ds.cache() if self.cached else ds   # one dataset object: its cache outlives epochs
+  def _subset_records(self) -> dict:
+    """Each of this process's shards of the subset; one dataset object per shard, so that its
+    cache outlives epochs."""
+    out = {}
+    for s, (start, stop) in self._ranges.items():
+      ds = read_subset(self.builder, self.split, self.subset, start, stop)
+      out[s] = ds.cache() if self.cached else ds
+    return out
 
-  def _records(self, file_seed: int | None = None) -> tf.data.Dataset:
-    """This process's undecoded examples: its subset in file order, or its shard of the split
-    with the files shuffled by ``file_seed`` (in file order when None)."""
+  def _records(self, shard: int, file_seed: int | None = None,
+               cached: bool = True) -> tf.data.Dataset:
+    """The undecoded examples of ``shard``: its part of the subset in file order (past the
+    cache unless ``cached``), or its part of the split with the files shuffled by ``file_seed``
+    (in file order when None)."""
     if self.subset is not None:
-      return self._subset_records
-    return tfds_data.as_dataset(self.builder, self.shards[self.process_index],
+      if cached:
+        return self._subset_records[shard]
+      return read_subset(self.builder, self.split, self.subset, *self._ranges[shard])
+    return tfds_data.as_dataset(self.builder, self.shards[shard],
                                 decoders=UNDECODED, shuffle_files=file_seed is not None,
                                 read_config=tfds.ReadConfig(shuffle_seed=file_seed))
 
-  def _epoch(self, seed: int, epoch: int, local: int, steps: int, skip: int) -> tf.data.Dataset:
+  def _shard_epoch(self, shard: int, seed: int, epoch: int, size: int, steps: int,
+                   skip: int) -> tf.data.Dataset:
     file_seed, buffer_seed = pipeline.rng(seed, pipeline.STREAM_ORDER, epoch,
-                                          self.process_index).integers(2**31, size=2)
+                                          shard).integers(2**31, size=2)
     augment_seed = int(pipeline.rng(seed, pipeline.STREAM_AUGMENT, epoch,
-                                    self.process_index).integers(2**31))
-    ds = self._records(int(file_seed)).shuffle(self.shuffle_buffer, seed=int(buffer_seed))
-    ds = ds.take(steps * local).enumerate().skip(skip * local)   # skip before decoding
+                                    shard).integers(2**31))
+    ds = self._records(shard, int(file_seed)).shuffle(self.shuffle_buffer,
+                                                      seed=int(buffer_seed))
+    ds = ds.take(steps * size).enumerate().skip(skip * size)   # skip before decoding
 
     def prepare(i, ex):
       seed_pair = tf.stack([tf.constant(augment_seed, tf.int64), i])
       return {"inputs": self.train_fn(ex["image"], seed_pair),
               "labels": tf.cast(ex["label"], tf.int32)}
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(size, drop_remainder=True)
+
+  def _epoch(self, seed: int, epoch: int, size: int, steps: int, skip: int) -> tf.data.Dataset:
+    """This process's batches of ``epoch`` from step ``skip``: its shards' slices, joined."""
+    shards = [self._shard_epoch(s, seed, epoch, size, steps, skip) for s in self.own]
+    ds = shards[0] if len(shards) == 1 else tf.data.Dataset.zip(tuple(shards)).map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
+    return ds.prefetch(tf.data.AUTOTUNE)
 
   def train_batches(self, batch_size: int, seed: int, start_step: int = 0):
     """Infinite training batches of this process from ``start_step`` (see the module doc)."""
-    local = pipeline.local_batch_size(batch_size, self.process_count)
+    pipeline.local_batch_size(batch_size, self.process_count)
+    size = self._shard_batch(batch_size)
     steps = self.steps_per_epoch(batch_size)
     if steps == 0:
       raise ValueError(f"batch_size={batch_size} exceeds the {min(self.shard_sizes)} training "
-                       f"examples of a process")
+                       f"examples of a shard times its {self.num_shards} shards")
     step = start_step
     while True:
       epoch, skip = divmod(step, steps)
-      for batch in tfds.as_numpy(self._epoch(seed, epoch, local, steps, skip)):
+      for batch in tfds.as_numpy(self._epoch(seed, epoch, size, steps, skip)):
         yield batch
         step += 1
 
+  def _evaluated(self, cached: bool = True) -> tf.data.Dataset:
+    """This process's shards in order, preprocessed for evaluation."""
+    parts = [self._records(s, cached=cached) for s in self.own]
+    ds = functools.reduce(lambda a, b: a.concatenate(b), parts)
+    return ds.map(lambda ex: {"inputs": self.eval_fn(ex["image"]),
+                              "labels": tf.cast(ex["label"], tf.int32)},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+  def first_examples(self, num_examples: int) -> dict:
+    """The split's first ``num_examples`` examples in file order (shard 0's, then shard
+    1's...), preprocessed for evaluation: the same on every process, and what one process
+    reads. With several processes each reads from its own shards and all exchange what they
+    read (a collective: every process must call this)."""
+    # A subset is read past its cache, which a partial pass would discard.
+    read = {"inputs": np.zeros((0,) + self.input_shape, np.float32),
+            "labels": np.zeros((0,), np.int32)}
+    for batch in tfds.as_numpy(self._evaluated(cached=False).take(num_examples).batch(256)):
+      read = {k: np.concatenate([read[k], batch[k]]) for k in read}
+    if self.process_count == 1:
+      return read
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    size = min(num_examples, max(self._process_sizes()))
+    padded = {k: np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)])
+              for k, v in read.items()}
+    padded["count"] = np.int32(len(read["labels"]))
+    every = multihost_utils.process_allgather(padded)   # [process_count, ...]
+    counts = np.asarray(every["count"]).reshape(-1)
+    return {k: np.concatenate([np.asarray(every[k])[p, :c] for p, c in enumerate(counts)])
+            [:num_examples] for k in read}
+
+  def _process_sizes(self) -> list[int]:
+    """The examples each process holds."""
+    per = self.num_shards // self.process_count
+    return [sum(self.shard_sizes[p * per:(p + 1) * per]) for p in range(self.process_count)]
+
   def eval_batches(self, batch_size: int):
-    """One pass over this process's shard, padded with ``mask``; equal batch counts everywhere."""
+    """One pass over this process's shards, padded with ``mask``; equal batch counts
+    everywhere."""
     local = pipeline.local_batch_size(batch_size, self.process_count)
     count = 0
-    if self.shard_sizes[self.process_index]:   # an empty shard (fewer examples than processes)
-      ds = self._records().map(                # has nothing to read, only padding to send
-          lambda ex: {"inputs": self.eval_fn(ex["image"]),
-                      "labels": tf.cast(ex["label"], tf.int32)},
-          num_parallel_calls=tf.data.AUTOTUNE)
+    if self._process_sizes()[self.process_index]:   # no examples (fewer than shards): nothing
+      ds = self._evaluated()                          # to read, only padding to send
       for batch in tfds.as_numpy(ds.batch(local).prefetch(tf.data.AUTOTUNE)):
         yield pipeline.pad_batch(batch, local)
         count += 1
     empty = {"inputs": np.zeros((0,) + self.input_shape, np.float32),
              "labels": np.zeros((0,), np.int32)}
-    for _ in range(count, math.ceil(max(self.shard_sizes) / local)):
+    for _ in range(count, math.ceil(max(self._process_sizes()) / local)):
       yield pipeline.pad_batch(empty, local)
 
 
 def get_datasets(name: str, *, seed: int, data_dir: str, augment: bool, image_size: int,
                  num_train_examples: int, train_eval_examples: int, process_index: int,
-                 process_count: int) -> Datasets:
-  """ImageNet or Food-101 as three ``StreamSource``s (arguments: ``data.get_datasets``).
+                 process_count: int, num_shards: int = 0) -> Datasets:
+  """ImageNet or Food-101 as three ``StreamSource``s (arguments: ``data.get_datasets``;
+  ``num_shards`` those of the training stream, 0 for one per process).
 
   A training subset and the train-eval subset within it are drawn by the seed like those of
   the in-memory datasets (``pipeline.seeded_subset``); without a training subset, train-eval
@@ -272,7 +352,9 @@ def get_datasets(name: str, *, seed: int, data_dir: str, augment: bool, image_si
                      f"examples of {name!r}")
   subset = (pipeline.seeded_subset(seed, pipeline.STREAM_SUBSET, full, num_train_examples)
             if 0 < num_train_examples < full else None)
-  train = StreamSource(b, "train", subset=subset, **where)
+  shards = num_shards or process_count
+  train = StreamSource(b, "train", subset=subset, num_shards=shards,
+                       shuffle_buffer=max(SHUFFLE_BUFFER // shards, MIN_SHARD_BUFFER), **where)
   if subset is not None:
     chosen = pipeline.seeded_subset(seed, pipeline.STREAM_TRAIN_EVAL, len(subset),
                                     train_eval_examples)
@@ -302,6 +384,7 @@ def get_datasets(name: str, *, seed: int, data_dir: str, augment: bool, image_si
       "label_noise": {"kind": "none"},
       "process_index": process_index,
       "process_count": process_count,
+      "training_shards": shards,
   }
   return Datasets(name=name, num_classes=num_classes, input_shape=shape,
                            num_train=train.num_examples, info=info, train=train,
