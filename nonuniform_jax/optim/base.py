@@ -7,6 +7,8 @@ from typing import Sequence
 
 import optax
 
+from nonuniform_jax import checks
+
 BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step", "linear")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
@@ -28,7 +30,7 @@ def learning_rate_schedule(name: str, peak: float, total_steps: int, *, warmup_s
   * step: multiplied by ``step_factor`` at each fraction in ``step_boundaries`` of training.
   """
   _check("schedule", name, SCHEDULES)
-  if not peak > 0:
+  if not checks.traced(peak) and not peak > 0:
     raise ValueError(f"learning_rate must be > 0, got {peak!r}")
   decay_steps = max(total_steps - warmup_steps, 1)
   if name == "constant":
@@ -44,6 +46,12 @@ def learning_rate_schedule(name: str, peak: float, total_steps: int, *, warmup_s
     return main
   warmup = optax.linear_schedule(0.0, peak, warmup_steps)
   return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def _on(value) -> bool:
+  """Whether a setting switches its transformation on: > 0, or traced (a population whose
+  members differ in it; they all have it on, ``population.shape_key``)."""
+  return checks.traced(value) or value > 0
 
 
 def base_optimizer(name: str, learning_rate, *, momentum: float = 0.0, nesterov: bool = False,
@@ -63,20 +71,20 @@ def base_optimizer(name: str, learning_rate, *, momentum: float = 0.0, nesterov:
   """
   _check("base optimizer", name, BASE_OPTIMIZERS)
   _check("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
-  if weight_decay < 0:
+  if not checks.traced(weight_decay) and weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
   decoupled = weight_decay_mode == "decoupled" or name == "adamw"
   parts = []
   if grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(grad_clip_norm))
-  if weight_decay > 0 and not decoupled:
+  if _on(weight_decay) and not decoupled:
     parts.append(optax.add_decayed_weights(weight_decay))
   if name == "sgd":
-    if momentum > 0:
+    if _on(momentum):
       parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   else:
     parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-  if weight_decay > 0 and decoupled:
+  if _on(weight_decay) and decoupled:
     parts.append(optax.add_decayed_weights(weight_decay))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
