@@ -330,26 +330,74 @@ def train_population(plans: list[plan_lib.Plan], workdirs: list[str]) -> list[di
   plans that cannot train together or a workdir that is busy or holds another config, and
   ``train.Interrupted`` for Ctrl-C or SIGTERM."""
   started = time.time()
+  times = collections.Counter()
   _check(plans, workdirs)
   members = [_Member(p, w) for p, w in zip(plans, workdirs)]
   for m in members:
     m.summary = train.ended_run(m.plan, m.workdir, m.ckpts)
   active = [m for m in members if m.summary is None]
   if active:
-    for m in active:
-      m.plan = dataclasses.replace(m.plan, progress=False)   # one line per population instead
-      m.run = train.build(m.plan, initialise=False)
+    with _timed(times, "setup"):
+      for m in active:
+        m.plan = dataclasses.replace(m.plan, progress=False)   # one line per population
+        m.run = train.build(m.plan, initialise=False)
     with contextlib.ExitStack() as stack:
       for m in active:
         stack.enter_context(train.owned(m.workdir))
-      _train(active, started)
+      _train(active, started, times)
   return [m.summary for m in members]
 
 
-def _train(members: list[_Member], started: float) -> None:
+@contextlib.contextmanager
+def _timed(times: collections.Counter, what: str):
+  """Adds the block's wall time to ``times[what]``: where a population's time goes (the
+  ``population`` entry of each member's summary)."""
+  start = time.perf_counter()
+  try:
+    yield
+  finally:
+    times[what] += time.perf_counter() - start
+
+
+def _train(members: list[_Member], started: float, times: collections.Counter) -> None:
   """Opens every member's workdir, trains the population and writes the summaries."""
+  with _timed(times, "setup"):
+    states = _open(members)
+  members = [m for m in members if m.opened is not None]
+  if not members:
+    return
+  program = _program(members[0].plan, members[0].run)
+  values = _traced_values([m.plan for m in members])
+  if states is None:
+    with _timed(times, "initialisation"):
+      initial = program.init(values)
+      for k, m in enumerate(members):
+        if m.opened.start == 0:
+          m.opened = m.opened._replace(state=_member_state(initial, k))
+      states = _stack([m.opened.state for m in members])
+  print(_start_line(members), flush=True)
+  num_steps = members[0].run.num_steps
+  try:
+    first = min(m.opened.start for m in members)
+    if first < num_steps:
+      _loop(program, members, values, states, first, num_steps, times)
+  finally:
+    for m in members:
+      m.opened.rec.close()
+  wall = time.time() - started
+  seconds = {k: round(v, 3) for k, v in sorted(times.items())}
+  for k, m in enumerate(members):
+    m.summary = train.close_run(m.plan, m.run, m.opened, m.diverged, m.ckpts, wall,
+                                population={"members": len(members), "index": k,
+                                            "seconds": seconds})
+    print(f"{m.workdir}: {train.final_line(m.summary)}")
+
+
+def _open(members: list[_Member]):
+  """Opens each member's workdir (``train.open_run``), restoring its checkpoint; reports those
+  that ended meanwhile. Returns the members' states stacked, or None when some start afresh
+  (their initialisation is the caller's)."""
   plan, run = members[0].plan, members[0].run
-  program = _program(plan, run)
   # Checkpoints are restored onto the state's shapes; only members that start afresh need the
   # initialisation (compiled once per shape and size).
   template = jax.tree.map(
@@ -363,37 +411,19 @@ def _train(members: list[_Member], started: float) -> None:
   for m in members:
     if m.opened is None:   # it ended while the population was being built
       m.summary = train.report_ended(m.workdir)
-  members = [m for m in members if m.opened is not None]
-  if not members:
-    return
-  values = _traced_values([m.plan for m in members])
-  if any(m.opened.start == 0 for m in members):
-    initial = program.init(values)
-    for k, m in enumerate(members):
-      if m.opened.start == 0:
-        m.opened = m.opened._replace(state=_member_state(initial, k))
-  states = _stack([m.opened.state for m in members])
-  print(_start_line(members, values), flush=True)
-  try:
-    first = min(m.opened.start for m in members)
-    if first < run.num_steps:
-      _loop(program, members, values, states, first, run.num_steps)
-  finally:
-    for m in members:
-      m.opened.rec.close()
-  wall = time.time() - started
-  for k, m in enumerate(members):
-    m.summary = train.close_run(m.plan, m.run, m.opened, m.diverged, m.ckpts, wall,
-                                population={"members": len(members), "index": k})
-    print(f"{m.workdir}: {train.final_line(m.summary)}")
+  opened = [m.opened for m in members if m.opened is not None]
+  if not opened or any(o.start == 0 for o in opened):
+    return None
+  return _stack([o.state for o in opened])
 
 
 def _loop(program: _Program, members: list[_Member], values: dict, states, first: int,
-          num_steps: int) -> None:
+          num_steps: int, times: collections.Counter) -> None:
   """Trains every member from ``first`` to ``num_steps``, logging, evaluating, measuring and
   saving each as its separate run does (``train._loop``'s schedule)."""
   plan = members[0].plan
-  d = _data(members)
+  with _timed(times, "setup"):
+    d = _data(members)
   starts = np.asarray([m.opened.start for m in members], np.int32)
   stops = np.full(len(members), num_steps, np.int32)
   orders = [m.run.datasets.train.train_indices(plan.batch_size, m.plan.data.seed, first)
@@ -402,18 +432,19 @@ def _loop(program: _Program, members: list[_Member], values: dict, states, first
   window_start, window_time, done = first, time.time(), first
   try:
     for a, b, kfac_due in _stretches(plan, first, num_steps, sorted(events)):
-      indices = np.stack([np.stack([next(o) for o in orders]) for _ in range(a, b)])
-      states, metrics = program.stretch(
-          states, values, d.tables, indices, np.arange(a + 1, b + 1, dtype=np.int32), starts,
-          stops, kfac_due=kfac_due)
-      metrics = jax.device_get(metrics)
+      with _timed(times, "steps"):
+        indices = np.stack([np.stack([next(o) for o in orders]) for _ in range(a, b)])
+        states, metrics = program.stretch(
+            states, values, d.tables, indices, np.arange(a + 1, b + 1, dtype=np.int32), starts,
+            stops, kfac_due=kfac_due)
+        metrics = jax.device_get(metrics)
       done = b
       for k, m in enumerate(members):
         if m.diverged is None and starts[k] < b:
           m.window.append({name: v[:, k] for name, v in metrics.items()})
       if b not in events:
         continue
-      _record(program, members, states, d, b, num_steps, window_start, window_time)
+      _record(program, members, states, d, b, num_steps, window_start, window_time, times)
       for k, m in enumerate(members):
         if m.diverged is not None:
           stops[k] = min(stops[k], b)
@@ -426,12 +457,14 @@ def _loop(program: _Program, members: list[_Member], values: dict, states, first
     raise train.Interrupted(done, common or None) from None
   finally:
     # Interrupted or not, finish the checkpoints being written, so that a rerun resumes.
-    for m in members:
-      m.ckpts.wait()
+    with _timed(times, "checkpoints"):
+      for m in members:
+        m.ckpts.wait()
 
 
 def _record(program: _Program, members: list[_Member], states, d: _Data, step: int,
-            num_steps: int, window_start: int, window_time: float) -> None:
+            num_steps: int, window_start: int, window_time: float,
+            times: collections.Counter) -> None:
   """At a logged step: each live member's record (its window's means, evaluation, measures),
   its timing and, when due, its checkpoint — or its divergence."""
   plan = members[0].plan
@@ -440,7 +473,9 @@ def _record(program: _Program, members: list[_Member], states, d: _Data, step: i
   is_eval = step % plan.eval_every == 0 or last
   is_ckpt = step % plan.checkpoint_every == 0 or last
   due = plan.measures.due(step, last)
-  evaluated = _evaluate(program, states, d) if is_eval else None
+  if is_eval:
+    with _timed(times, "evaluation"):
+      evaluated = _evaluate(program, states, d)
   for k, m in enumerate(members):
     if m.diverged is not None or not m.window:
       continue
@@ -458,19 +493,22 @@ def _record(program: _Program, members: list[_Member], states, d: _Data, step: i
     state = _member_state(states, k)
     measured = {}
     if due:
-      measured = evaluators.run(
-          [x.name for x in due], {x.name: x.settings for x in due}, program.objective,
-          state.params, state.batch_stats, d.measured[k], bn_mode=plan.measures.bn_mode,
-          seed=plan.measures.seed, num_classes=m.run.datasets.num_classes)
+      with _timed(times, "measures"):
+        measured = evaluators.run(
+            [x.name for x in due], {x.name: x.settings for x in due}, program.objective,
+            state.params, state.batch_stats, d.measured[k], bn_mode=plan.measures.bn_mode,
+            seed=plan.measures.seed, num_classes=m.run.datasets.num_classes)
     record.update(evaluators.scalars(measured))
-    m.opened.rec.record(step, record, {"step": step, "step_time_s": elapsed / steps_done,
-                                       "examples_per_second":
-                                           plan.batch_size * steps_done / elapsed}, measured)
+    with _timed(times, "logs"):
+      m.opened.rec.record(step, record, {"step": step, "step_time_s": elapsed / steps_done,
+                                         "examples_per_second":
+                                             plan.batch_size * steps_done / elapsed}, measured)
     if is_ckpt:
-      m.ckpts.save(step, state, {"config": m.plan.config, **m.opened.rec.meta()})
+      with _timed(times, "checkpoints"):
+        m.ckpts.save(step, state, {"config": m.plan.config, **m.opened.rec.meta()})
 
 
-def _start_line(members: list[_Member], values: dict) -> str:
+def _start_line(members: list[_Member]) -> str:
   plan, run = members[0].plan, members[0].run
   varying = [k for k in POPULATION_KEYS
              if len({json.dumps(_setting(m.plan.config, k)) for m in members}) > 1]
@@ -478,7 +516,7 @@ def _start_line(members: list[_Member], values: dict) -> str:
   where = ("starting" if starts == [0] else
            f"resuming at step{'s' if len(starts) > 1 else ''} "
            f"{', '.join(f'{s:,}' for s in starts)}")
-  return (f"population of {len(members)} members (varying {', '.join(varying) or 'nothing'}; "
-          f"traced {', '.join(values)}): {plan.data.dataset} -> {plan.model.name} "
+  return (f"population of {len(members)} members (varying {', '.join(varying) or 'nothing'}): "
+          f"{plan.data.dataset} -> {plan.model.name} "
           f"({plan.model.num_params:,} parameters), {plan.optimizer.name}, "
           f"{run.num_steps:,} steps of batch {plan.batch_size}; {where}")
