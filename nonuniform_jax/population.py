@@ -57,7 +57,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,7 @@ import numpy as np
 from jax import lax
 
 from nonuniform_jax import checkpoints, evaluators, plan as plan_lib, train, workdir as wd
-from nonuniform_jax.data import pipeline
+from nonuniform_jax.data import datasets
 from nonuniform_jax.objective import Objective
 
 POPULATION_KEYS = ("seed", "data_seed", "optimizer.learning_rate", "optimizer.momentum",
@@ -116,10 +116,17 @@ def _check(plans: list, workdirs: list) -> None:
                        f"in {', '.join(diffs[:5])}; only {', '.join(POPULATION_KEYS)} may "
                        "differ within a population (population.shape_key groups them)")
   plan = plans[0]
+  d = plan.data
+  if d.dataset in datasets.TFDS_STREAMING or (d.augment and d.dataset in datasets.AUGMENTED):
+    raise ValueError(f"a population trains on in-memory data without augmentation, not "
+                     f"{d.dataset!r} with augment={d.augment} (streamed or augmented on the host "
+                     "batch by batch); set augment=False or train its members one by one")
   if plan.devices.num_processes > 1 or plan.devices.num_devices > 1:
     raise ValueError(f"a population trains on one device of one process, got "
                      f"{plan.devices.num_devices} devices in {plan.devices.num_processes} "
                      "processes; set parallel.num_devices=1")
+  for workdir in workdirs:
+    wd.check_writable(workdir)
   for p in plans:
     if not 0 <= p.seed < 2**31:
       raise ValueError(f"seed {p.seed} of a population member must be in [0, 2**31) (an int32 "
@@ -249,13 +256,7 @@ class _Data(NamedTuple):
 
 def _data(members: list) -> _Data:
   plan = members[0].plan
-  sources = [m.run.datasets.train for m in members]
-  for m, source in zip(members, sources):
-    if not isinstance(source, pipeline.ArraySource) or source.augment is not None:
-      raise ValueError(f"a population trains on in-memory data without augmentation: "
-                       f"{m.plan.data.dataset!r} with augment={m.plan.data.augment} is "
-                       f"{'augmented' if isinstance(source, pipeline.ArraySource) else 'streamed'}"
-                       "; set augment=False or train its members one by one")
+  sources = [m.run.datasets.train for m in members]   # ArraySources (``_check``)
   # The training set is a function of the data seed when a subset is drawn, else shared.
   distinct, which = {}, []
   for m, source in zip(members, sources):

@@ -153,6 +153,9 @@ def test_members_that_cannot_train_together_are_refused(tmp_path):
     population.train_population(mixed, [str(tmp_path / "a"), str(tmp_path / "b")])
   with pytest.raises(ValueError, match="workdirs must differ"):
     population.train_population(plans()[:2], [str(tmp_path / "a")] * 2)
+  augmented = [plan.read(config(dataset="cifar10", augment=True))]
+  with pytest.raises(ValueError, match="'cifar10' with augment=True"):
+    population.train_population(augmented, [str(tmp_path / "a")])
   assert not os.listdir(tmp_path)
 
 
