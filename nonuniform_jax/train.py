@@ -212,7 +212,7 @@ def close_run(plan: plan_lib.Plan, run: Run, opened: Opened, diverged_step: int 
   final = opened.rec.last("metrics", "test_accuracy")
   if not final and not diverged_step and opened.start == run.num_steps:
     # A finished run whose last checkpoint kept no logs (an older version wrote it).
-    final = _evaluate_state(plan, run, opened.state)
+    final = evaluate_state(plan, run, opened.state)
   summary = {**_summary(plan, run, diverged_step, final, opened.rec, ckpts, wall_time), **extra}
   opened.rec.write_summary(summary)
   return summary
@@ -254,7 +254,7 @@ def _loop(plan: plan_lib.Plan, run: Run, state, start: int, ckpts, rec) -> int |
       record = {"step": step, "learning_rate": float(run.schedule(step - 1)),
                 **{k: float(np.mean(v)) for k, v in stacked.items()}}
       if is_eval:
-        record.update(_evaluate_state(plan, run, state, eval_step))
+        record.update(evaluate_state(plan, run, state, eval_step))
       measured = _measure(plan, run, state, measures_due, measured_subset)
       record.update(evaluators.scalars(measured))
       rec.record(step, record, {"step": step, "step_time_s": elapsed / len(window),
@@ -335,7 +335,7 @@ def evaluation(test_totals: dict, train_totals: dict) -> dict:
   return out
 
 
-def _evaluate_state(plan: plan_lib.Plan, run: Run, state, eval_step=None) -> dict:
+def evaluate_state(plan: plan_lib.Plan, run: Run, state, eval_step=None) -> dict:
   """Test and training-subset loss and accuracy of ``state``, and the gaps."""
   eval_step = eval_step or jax.jit(steps.make_eval_step(run.objective))
   sharding = parallel.batch_sharding(run.mesh)
