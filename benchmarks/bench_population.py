@@ -23,6 +23,7 @@ initialisation, steps, evaluation, measures, logs, checkpoints; first calls incl
 compilation) goes in the notes.
 """
 
+import os
 import shutil
 import tempfile
 import time
@@ -59,11 +60,30 @@ def members(first_seed: int, count: int, num_steps: int) -> list:
           for i in range(count)]
 
 
-def timed_population(plans, root) -> tuple[float, list]:
-  start = time.perf_counter()
-  summaries = population.train_population(plans, [f"{root}/{i}" for i in range(len(plans))])
+class Clock:
+  """Wall and process CPU seconds of a block, and the 1-minute load average after it (this
+  machine is shared: other processes' load shows in wall time, far less in CPU time)."""
+
+  def __enter__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+    self.load = os.getloadavg()[0]
+
+
+def timed_population(plans, root) -> tuple[Clock, list]:
+  with Clock() as clock:
+    summaries = population.train_population(plans, [f"{root}/{i}" for i in range(len(plans))])
   assert all(s["status"] == "completed" for s in summaries)
-  return time.perf_counter() - start, summaries
+  return clock, summaries
+
+
+def timed_separate(plans, root) -> tuple[Clock, list]:
+  with Clock() as clock:
+    summaries = [train.train(p, f"{root}/{i}") for i, p in enumerate(plans)]
+  return clock, summaries
 
 
 def floor_step_time(plans, steps: int = 100) -> tuple[float, float]:
@@ -122,59 +142,68 @@ def perturbed_spread(plan) -> float:
 def run(quick: bool) -> list[dict]:
   count, num_steps, separate = (8, 300, 2) if quick else (32, 3000, 4)
   root = tempfile.mkdtemp(prefix="bench_population_")
+  later = members(count, count, num_steps)
+  half = separate // 2
   try:
+    # Separate runs between the populations, so that other processes' load falls on both.
     cold, cold_summaries = timed_population(members(0, count, num_steps), f"{root}/cold")
-    warm, warm_summaries = timed_population(members(count, count, num_steps), f"{root}/warm")
-    start = time.perf_counter()
-    alone_summaries = [train.train(plan, f"{root}/separate{i}")
-                       for i, plan in enumerate(members(count, separate, num_steps))]
-    alone = (time.perf_counter() - start) / separate
+    first, first_summaries = timed_separate(later[:half], f"{root}/separate_a")
+    warm, warm_summaries = timed_population(later, f"{root}/warm")
+    second, second_summaries = timed_separate(later[half:separate], f"{root}/separate_b")
   finally:
     shutil.rmtree(root, ignore_errors=True)
   per_member_step, step_alone = floor_step_time(members(0, count, num_steps))
-  spread = max(perturbed_spread(p) for p in members(count, separate, num_steps))
+  spread = max(perturbed_spread(p) for p in later[:2])
 
-  def rate(seconds_per_member):
-    return 3600 / seconds_per_member
-
-  cold_seconds = cold_summaries[0]["population"]["seconds"]
-  warm_seconds = warm_summaries[0]["population"]["seconds"]
+  alone_wall = (first.wall + second.wall) / separate
+  alone_cpu = (first.cpu + second.cpu) / separate
   # The separate runs are of the later population's first members: how far apart they end.
   gaps = [max(abs(a["final"][k] - b["final"][k]) for k in ("test_accuracy", "test_loss"))
-          for a, b in zip(warm_summaries, alone_summaries)]
+          for a, b in zip(warm_summaries, first_summaries + second_summaries)]
   per_measure = {name: np.mean([s["measures"][name]["seconds"] for s in warm_summaries])
                  for name in MEASURES}
+  iterations = {name: max(s["measures"][name]["iterations"] for s in warm_summaries)
+                for name in ("lambda_max", "wu_nonuniformity")}
   what = (f"{count} members, 40-64-64-10 MLP, MNIST-1D, SGD, {num_steps} steps of batch 128, "
           f"5 measures at the end")
   row = {"benchmark": "population trainer", "unit": "members/hour"}
-  floor = rate(per_member_step * num_steps)
+  floor = 3600 / (per_member_step * num_steps)
 
-  def account(seconds):
-    return ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+  def account(summaries):
+    return ", ".join(f"{k} {v:.1f} s"
+                     for k, v in summaries[0]["population"]["seconds"].items())
 
-  rows = [
-      {**row, "case": "population, first of its shape", "value": rate(cold / count),
+  def times(clock, n):
+    return (f"{clock.wall:.1f} s ({3600 * n / clock.cpu:.0f} members per CPU-hour, load "
+            f"{clock.load:.1f})")
+
+  return [
+      {**row, "case": "population, first of its shape", "value": 3600 * count / cold.wall,
        "goal": "", "ok": None,
-       "note": f"{what}: {cold:.1f} s ({account(cold_seconds)})"},
-      {**row, "case": "population, later of its shape", "value": rate(warm / count),
-       "goal": f">= {STUDY_GOAL}", "ok": rate(warm / count) >= STUDY_GOAL,
-       "note": f"{warm:.1f} s ({account(warm_seconds)}); measures per member: "
-               + ", ".join(f"{k} {v:.2f} s" for k, v in per_measure.items())},
-      {**row, "case": "separate trainer runs, one after another", "value": rate(alone),
-       "goal": "", "ok": None, "note": f"{separate} of the later population's members: {alone:.1f} s each; their final "
-               f"test loss and accuracy within {max(gaps):.2g} of the population's, where "
-               f"1e-7 relative noise on a separate run's initial weights moves them by up to "
-               f"{spread:.2g}"},
+       "note": f"{what}: {times(cold, count)}: {account(cold_summaries)}"},
+      {**row, "case": "population, later of its shape", "value": 3600 * count / warm.wall,
+       "goal": f">= {STUDY_GOAL}", "ok": 3600 * count / warm.wall >= STUDY_GOAL,
+       "note": f"{times(warm, count)}: {account(warm_summaries)}; measures per member: "
+               + ", ".join(f"{k} {v:.2f} s" for k, v in per_measure.items())
+               + "; most iterations: "
+               + ", ".join(f"{k} {v}" for k, v in iterations.items())},
+      {**row, "case": "separate trainer runs, one after another", "value": 3600 / alone_wall,
+       "goal": "", "ok": None,
+       "note": f"{separate} of the later population's members, {alone_wall:.1f} s each "
+               f"({3600 / alone_cpu:.0f} per CPU-hour; load {first.load:.1f}, "
+               f"{second.load:.1f}); their final test loss and accuracy within "
+               f"{max(gaps):.2g} of the population's, where 1e-7 relative noise on a separate "
+               f"run's initial weights moves them by up to {spread:.2g}"},
       {**row, "case": "population (later) / separate runs", "unit": "x",
-       "value": alone * count / warm, "goal": f">= {GOAL:g}",
-       "ok": alone * count / warm >= GOAL,
-       "note": f"first of its shape: {alone * count / cold:.2f}x"},
+       "value": alone_wall * count / warm.wall, "goal": f">= {GOAL:g}",
+       "ok": alone_wall * count / warm.wall >= GOAL,
+       "note": f"in CPU time {alone_cpu * count / warm.cpu:.2f}x; first of its shape "
+               f"{alone_wall * count / cold.wall:.2f}x"},
       {**row, "case": "floor: the vmapped step alone", "value": floor, "goal": "", "ok": None,
        "note": f"{1e3 * per_member_step:.3f} ms per member-step ({count} members, 100 steps "
                f"scanned); the trainer's step alone {1e3 * step_alone:.3f} ms per step, "
                f"{step_alone / per_member_step:.2f}x"},
       {**row, "case": "population (later) / floor", "unit": "x",
-       "value": rate(warm / count) / floor, "goal": "", "ok": None,
+       "value": count * 3600 / warm.wall / floor, "goal": "", "ok": None,
        "note": "the fraction of the arithmetic floor the population reaches"},
   ]
-  return rows

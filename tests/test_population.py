@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from nonuniform_jax import checkpoints, plan, population, train
+from nonuniform_jax import checkpoints, measure, plan, population, train
 
 # The four members: seed, learning rate, SAM's ρ, weight decay, the label-noise draw (rate and
 # data seed) differ; momentum and weight decay are on in all (the shape key).
@@ -124,13 +124,17 @@ def test_measures_over_the_population_are_each_members_own(runs):
           close(got[name][key], value, f"{name} {key}")
 
 
-def test_a_checkpoint_is_the_members_own(runs):
-  """A member's checkpoint is what its separate run saves: the same arrays, and resumable by
-  the trainer (a rerun of the completed member only reports)."""
+def test_a_checkpoint_is_the_members_own(runs, tmp_path):
+  """A member's checkpoint is what its separate run saves: the same arrays, which the trainer
+  resumes (a rerun of the completed member only reports) and the measure command reads."""
   together, alone, summaries, _ = runs
   state, reference = (checkpoints.read_state(w, 10) for w in (together[1], alone[1]))
   assert jax.tree.structure(state) == jax.tree.structure(reference)
   assert train.train(plans()[1], together[1])["final"] == summaries[1]["final"]
+  copy = shutil.copytree(together[2], tmp_path / "member2")
+  result = measure.measure(str(copy), ["sam_sharpness"], step=20)["sam_sharpness"]
+  logged, = lines(os.path.join(together[2], "measures.jsonl"))
+  assert result["sharpness"] == pytest.approx(logged["sam_sharpness"]["sharpness"], rel=1e-6)
 
 
 def test_shape_key_groups_and_separates():
