@@ -27,8 +27,6 @@ Models: the default MLP (``get_model('mlp', 10)``, inputs [256, 40]) and ResNet-
 [256, 32, 32, 3], BatchNorm in eval mode), random seeded data at initialisation.
 """
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,10 +37,9 @@ from jax.tree_util import Partial
 
 from benchmarks.common import time_fn
 from nonuniform_jax import models
+from nonuniform_jax.measures import captures, trace_sigma
+from nonuniform_jax.measures.moments import zero_moments
 from nonuniform_jax.models.layers import zero_perturbations
-
-# The module itself: ``nonuniform_jax.measures.gradient_noise`` is also the exported function.
-gn = importlib.import_module("nonuniform_jax.measures.gradient_noise")
 
 BATCH = 256
 FAST_GOAL = 2.0
@@ -82,8 +79,8 @@ def _problem(name, shape, batch_size):
 def _chunked(loss_fn, chunk_size):
   """tr Σ as ``gradient_noise(method='chunked')`` computes it (host loop over jitted chunks)."""
   def fn(params, batch):
-    moments = gn.gradient_moments(loss_fn, params, [batch], chunk_size=chunk_size)
-    return gn._moment_statistics(moments, params)["trace_sigma"]
+    moments = trace_sigma.gradient_moments(loss_fn, params, [batch], chunk_size=chunk_size)
+    return trace_sigma.moment_statistics(moments, params)["trace_sigma"]
   return fn
 
 
@@ -91,9 +88,9 @@ def _fast(capture_fn, perturbations_fn, n):
   """tr Σ as ``gradient_noise(method='fast')`` computes it with its default capture budget,
   without its coverage check (a trace of the model by ``jax.eval_shape``, done once per call)."""
   def fn(params, batch):
-    means = gn._fast_means(capture_fn, perturbations_fn, params, ((batch, np.int32(0)),),
-                           with_factors=False, capture_bytes=gn.CAPTURE_BYTES)
-    return gn._fast_statistics(means, n)["trace_sigma"]
+    means = captures.capture_means(capture_fn, perturbations_fn, params, ((batch, np.int32(0)),),
+                                   with_factors=False, capture_bytes=captures.CAPTURE_BYTES)
+    return trace_sigma.fast_statistics(means, n)["trace_sigma"]
   return fn
 
 
@@ -122,9 +119,9 @@ def _loop_seconds(loss_fn, params, batch, count, repeats, dispatch_only=False):
 
 def _temp_bytes(loss_fn, params, batch, chunk_size) -> int:
   """Temporary buffers of the compiled chunk step (arguments such as the batch excluded)."""
-  moments = gn._zero_moments(params)
-  compiled = gn._chunk_moments.lower(moments, loss_fn, None, params, batch, np.int32(0),
-                                     chunk_size=chunk_size).compile()
+  moments = zero_moments(params)
+  compiled = trace_sigma.chunk_moments.lower(moments, loss_fn, None, params, batch, np.int32(0),
+                                             chunk_size=chunk_size).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -134,12 +131,12 @@ def _timing_rows(case, name, shape, chunk_size, loop_count, quick):
     chunk_size, loop_count = min(chunk_size, 8), min(loop_count, 4)
   repeats = 2 if quick else 10
   loss_fn, capture_fn, perturbations_fn, params, batch = _problem(name, shape, batch_size)
-  uncovered = gn._uncovered(params, capture_fn, perturbations_fn, ((batch, np.int32(0)),))
+  uncovered = captures.uncovered(params, capture_fn, perturbations_fn, ((batch, np.int32(0)),))
   grad_s = time_fn(jax.jit(jax.grad(loss_fn)), params, batch, repeats=repeats)
   fast_s = time_fn(_fast(capture_fn, perturbations_fn, batch_size), params, batch,
                    repeats=repeats)
-  per_example = gn.capture_bytes_per_example(capture_fn, perturbations_fn, params, batch)
-  fast_chunk = min(batch_size, max(1, gn.CAPTURE_BYTES // per_example))
+  per_example = captures.capture_bytes_per_example(capture_fn, perturbations_fn, params, batch)
+  fast_chunk = min(batch_size, max(1, captures.CAPTURE_BYTES // per_example))
   chunked_s = time_fn(_chunked(loss_fn, chunk_size), params, batch, repeats=repeats)
   loop_s = _loop_seconds(loss_fn, params, batch, loop_count, max(repeats // 2, 1))
   dispatch_s = _loop_seconds(loss_fn, params, batch, loop_count, max(repeats // 2, 1),

@@ -78,6 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.sam_gcm = ml_collections.ConfigDict({"rho": 5e-4, "xi": 1e-6, "max_params": 1_000_000})
   c.cov = ml_collections.ConfigDict({"lam": 0.3})
   c.label_smoothing = 0.0
+  # Training and evaluation passes in float32 or bfloat16 (activations and matrix products;
+  # parameters, optimizer state, loss and BatchNorm statistics stay float32; measures always
+  # run in float32).
+  c.precision = "float32"
   # Devices: the batch is split over every device of every process (data parallelism).
   c.parallel = ml_collections.ConfigDict({
       "bn_sync": True,        # BatchNorm statistics over the global batch (False: per device)

@@ -28,6 +28,14 @@ def choice(kind: str, value, choices: Sequence) -> None:
     raise ValueError(f"unknown {kind} {value!r}; choose one of {list(choices)}")
 
 
+def choices(kind: str, values: Sequence, valid: Sequence) -> None:
+  """A non-empty sequence of ``kind``s, each one of ``valid``."""
+  if not values:
+    raise ValueError(f"no {kind} given; choose one or more of {list(valid)}")
+  for value in values:
+    choice(kind, value, valid)
+
+
 def positive(name: str, value) -> None:
   """A finite number > 0."""
   if not traced(value) and not (_is_number(value) and math.isfinite(value) and value > 0):
@@ -51,8 +59,8 @@ def in_range(name: str, value, low: float, high: float, *, high_open: bool = Fal
   """A number in [low, high] (or [low, high) with ``high_open``)."""
   if traced(value):
     return
-  upper = value < high if high_open else value <= high
-  if not (_is_number(value) and low <= value and upper):
+  if not (_is_number(value) and low <= value
+          and (value < high if high_open else value <= high)):
     bound = ")" if high_open else "]"
     raise ValueError(f"{name} must be in [{low}, {high}{bound}, got {value!r}")
 

@@ -101,7 +101,8 @@ def as_program() -> None:
   signal.signal(signal.SIGTERM, handler)
 
 
-def _is_disk_full(error: BaseException) -> bool:
+def is_disk_full(error: BaseException) -> bool:
+  """Whether ``error`` (or an error it was raised from) says the disk is full."""
   while error is not None:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
       return True
@@ -135,7 +136,7 @@ def guarded(fn, workdir: str | None = None):
   except KeyboardInterrupt:
     fail("interrupted; run the same command to resume", EXIT_INTERRUPTED)
   except Exception as e:  # pylint: disable=broad-except
-    if workdir is not None and _is_disk_full(e):   # Orbax reports it as a ValueError too
+    if workdir is not None and is_disk_full(e):   # Orbax reports it as a ValueError too
       logging.debug("disk full", exc_info=True)
       fail(f"no space left on the device of workdir {workdir!r} ({_free_space(workdir)} free); "
            "what was saved is intact: free some space and run the same command to resume",

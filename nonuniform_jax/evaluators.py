@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.tree_util import Partial
 
-from nonuniform_jax import measures
+from nonuniform_jax import checks, measures
 from nonuniform_jax.objective import Objective
 
 # What an evaluator can be handed besides ``params`` and ``batches``: the Objective's measure
@@ -93,8 +93,7 @@ def check(names: Sequence[str], settings: dict, bn_mode: str) -> None:
       if key not in given:
         raise ValueError(f"measure {name!r} needs the setting {key!r} "
                          f"(e.g. --config.measures.settings.{name}.{key}=...)")
-  if bn_mode not in BN_MODES:
-    raise ValueError(f"unknown measures.bn_mode {bn_mode!r}; choose one of {list(BN_MODES)}")
+  checks.choice("measures.bn_mode", bn_mode, BN_MODES)
 
 
 def subset_batches(source, num_examples: int, batch_size: int) -> list:

@@ -12,18 +12,26 @@ without BatchNorm, whose ``batch_stats`` is ``{}``).
   mode ('running' averages or each 'batch''s own statistics, running averages untouched), as
   functions of the parameters with the statistics bound as a traced argument (``Partial``), so
   that later evaluations, with new statistics, reuse their compilations.
+
+Precision: with ``precision='bfloat16'`` the training and evaluation passes cast the parameters
+and inputs to bfloat16 on their way into the model, so activations and matrix products run in
+bfloat16, while the parameters, their gradients (the cast's transpose returns float32), the
+optimizer state, the logits' softmax and loss, and BatchNorm's statistics (Flax reduces in
+float32) stay float32. The measures always run the model in float32, whatever the training
+precision.
 """
 
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.tree_util import Partial
 
 from nonuniform_jax import checks
 from nonuniform_jax.models import layers
+
+PRECISIONS = ("float32", "bfloat16")
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0) -> jax.Array:
@@ -37,11 +45,6 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0) -> jax.Array:
 def l2_penalty(params) -> jax.Array:
   """½‖θ‖²."""
   return 0.5 * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
-
-
-def parameter_count(params) -> int:
-  """Number of scalars in a parameter pytree (arrays or shape structs)."""
-  return int(sum(np.prod(p.shape, dtype=np.int64) for p in jax.tree.leaves(params)))
 
 
 def _variables(params, batch_stats, **extra) -> dict:
@@ -59,16 +62,28 @@ class Objective:
     label_smoothing: of the training loss (evaluation and measures use plain cross-entropy).
     l2: ``l2/2·‖θ‖²`` is added to the training loss (weight decay inside the loss, as original
       SAM; 0 leaves it to the optimizer).
+    precision: 'float32' or 'bfloat16', of the training and evaluation passes (module
+      docstring).
   """
 
-  def __init__(self, model, *, label_smoothing: float = 0.0, l2: float = 0.0):
+  def __init__(self, model, *, label_smoothing: float = 0.0, l2: float = 0.0,
+               precision: str = "float32"):
+    checks.choice("precision", precision, PRECISIONS)
     self.model = model
     self.label_smoothing = label_smoothing
     self.l2 = l2
+    self.precision = precision
     self._measure_fns = {mode: self._plain_measure_functions(mode == "batch")
                          for mode in ("running", "batch")}
 
   # ------------------------------------------------------------------------------- training
+
+  def _cast(self, tree):
+    """``tree``'s floating arrays in the compute dtype (unchanged in float32)."""
+    if self.precision == "float32":
+      return tree
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16)
+                        if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
   def _penalised(self, losses, params):
     on = checks.traced(self.l2) or self.l2 > 0   # traced: a population's
@@ -76,13 +91,14 @@ class Objective:
 
   def train_loss(self, params, batch_stats, batch, rng) -> tuple[jax.Array, tuple[Any, Any]]:
     """``(mean loss, (logits, new batch_stats))`` of a training batch; ``rng`` draws dropout."""
-    variables = _variables(params, batch_stats)
+    variables = _variables(self._cast(params), batch_stats)
+    inputs = self._cast(batch["inputs"])
     if batch_stats:
-      logits, updated = self.model.apply(variables, batch["inputs"], train=True,
+      logits, updated = self.model.apply(variables, inputs, train=True,
                                          rngs={"dropout": rng}, mutable=["batch_stats"])
       new_stats = updated["batch_stats"]
     else:
-      logits = self.model.apply(variables, batch["inputs"], train=True, rngs={"dropout": rng})
+      logits = self.model.apply(variables, inputs, train=True, rngs={"dropout": rng})
       new_stats = batch_stats
     loss = jnp.mean(cross_entropy(logits, batch["labels"], self.label_smoothing))
     return self._penalised(loss, params), (logits, new_stats)
@@ -92,18 +108,19 @@ class Objective:
     ``kfac.loss_grad_and_factors`` takes: ``(losses [b], kfac collection, (logits, new
     batch_stats))``."""
     mutable = ["kfac"] + (["batch_stats"] if batch_stats else [])
-    logits, state = self.model.apply(_variables(params, batch_stats,
+    logits, state = self.model.apply(_variables(self._cast(params), batch_stats,
                                                 perturbations=perturbations),
-                                     batch["inputs"], train=True, rngs={"dropout": rng},
-                                     mutable=mutable)
+                                     self._cast(batch["inputs"]), train=True,
+                                     rngs={"dropout": rng}, mutable=mutable)
     losses = self._penalised(cross_entropy(logits, batch["labels"], self.label_smoothing),
                              params)
     return losses, state["kfac"], (logits, state.get("batch_stats", batch_stats))
 
   def zero_perturbations(self, params, batch_stats, inputs, rng):
-    """Zeros shaped like the captured layers' outputs in training mode (``layers``)."""
-    return layers.zero_perturbations(self.model, _variables(params, batch_stats), inputs,
-                                     train=True, rngs={"dropout": rng})
+    """Zeros shaped (and typed) like the captured layers' outputs in training mode
+    (``layers``)."""
+    return layers.zero_perturbations(self.model, _variables(self._cast(params), batch_stats),
+                                     self._cast(inputs), train=True, rngs={"dropout": rng})
 
   # ----------------------------------------------------------------------------- evaluation
 
@@ -112,7 +129,8 @@ class Objective:
     cross-entropy), correct predictions and count; with a ``noisy`` field (1 where the label was
     flipped) also the correct predictions and count on the noisy part, and with
     ``clean_labels`` the noisy part's predictions that match the true labels."""
-    logits = self.model.apply(_variables(params, batch_stats), batch["inputs"], train=False)
+    logits = self.model.apply(_variables(self._cast(params), batch_stats),
+                              self._cast(batch["inputs"]), train=False)
     mask = batch["mask"]
     losses = cross_entropy(logits, batch["labels"])
     predicted = jnp.argmax(logits, -1)

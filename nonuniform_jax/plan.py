@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nonuniform_jax import checks, data, evaluators, models, objective
+from nonuniform_jax import checks, data, evaluators, models, objective, pytree
 from nonuniform_jax.optim import base, family
 
 # Settings that may be infinite: an ℓ∞ ball's p.
@@ -113,6 +113,7 @@ class Plan:
   num_steps: int                # > 0; else num_epochs decides, once the data size is known
   num_epochs: float
   label_smoothing: float
+  precision: str                # of the training and evaluation passes (objective.py)
   bn_policy: str
   devices: Devices
   measures: Measures
@@ -138,7 +139,7 @@ class Plan:
             "bn_statistics": d.bn_statistics, "fully_sharded": d.fully_sharded,
             "num_params": self.model.num_params, "gradient_evaluations_per_step": o.passes,
             "bn_policy": self.bn_policy if o.passes > 1 else None,
-            "weight_decay_in_loss": o.l2}
+            "weight_decay_in_loss": o.l2, "precision": self.precision}
 
 
 def _setting(config, dotted: str):
@@ -173,6 +174,7 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
                      f"log_every ({config.log_every}) so a resumed run logs what an "
                      "uninterrupted one does")
   checks.in_range("label_smoothing", config.label_smoothing, 0.0, 1.0, high_open=True)
+  checks.choice("precision", config.precision, objective.PRECISIONS)
 
 
 def _check_optimizer(config: ml_collections.ConfigDict) -> None:
@@ -283,7 +285,7 @@ def _model(config, needs: tuple, measures: Measures) -> tuple[Model, int, tuple]
     raise ValueError(f"model {name!r} with {kwargs} cannot be built for the inputs of "
                      f"{config.dataset!r} (shape {tuple(shape)}): {type(e).__name__}: "
                      f"{text}") from None
-  count = objective.parameter_count(variables["params"])
+  count = pytree.parameter_count(variables["params"])
   has_bn = "batch_stats" in variables
   per_example = bool({"per_example_grads", "per_example_loss_fn"} & set(needs))
   opt = config.optimizer.name
@@ -351,7 +353,8 @@ def read(config: ml_collections.ConfigDict) -> Plan:
       config=config_dict, seed=config.seed, data=data_plan, model=model, optimizer=optimizer,
       schedule=settings["schedule"], batch_size=config.batch_size, num_steps=config.num_steps,
       num_epochs=config.num_epochs, label_smoothing=config.label_smoothing,
-      bn_policy=config.sam.bn_policy, devices=devices, measures=measures,
+      precision=config.precision, bn_policy=config.sam.bn_policy, devices=devices,
+      measures=measures,
       log_every=config.log_every, eval_every=config.eval_every,
       checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
       progress=bool(config.progress), overwrite=bool(config.overwrite))

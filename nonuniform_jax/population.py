@@ -196,7 +196,8 @@ class _Program:
     def member_step(values, state, batch, kfac_due):
       objective = Objective(
           model, label_smoothing=values.get("label_smoothing", plan.label_smoothing),
-          l2=values.get("optimizer.weight_decay", plan.optimizer.l2) if in_loss else 0.0)
+          l2=values.get("optimizer.weight_decay", plan.optimizer.l2) if in_loss else 0.0,
+          precision=plan.precision)
       step = train.train_step(plan, objective, tx_of(values), values["seed"])
       return step(state, batch, kfac_due)
 
@@ -378,7 +379,6 @@ def _train(members: list[_Member], started: float, times: collections.Counter) -
         if m.opened.start == 0:
           m.opened = m.opened._replace(state=_member_state(initial, k))
       states = _stack([m.opened.state for m in members])
-  print(_start_line(members), flush=True)
   num_steps = members[0].run.num_steps
   try:
     first = min(m.opened.start for m in members)
@@ -393,7 +393,6 @@ def _train(members: list[_Member], started: float, times: collections.Counter) -
     m.summary = train.close_run(m.plan, m.run, m.opened, m.diverged, m.ckpts, wall,
                                 population={"members": len(members), "index": k,
                                             "seconds": seconds})
-    print(f"{m.workdir}: {train.final_line(m.summary)}")
 
 
 def _open(members: list[_Member]):
@@ -413,7 +412,7 @@ def _open(members: list[_Member]):
     m.opened = train.open_run(m.plan, m.run, m.workdir, m.ckpts)
   for m in members:
     if m.opened is None:   # it ended while the population was being built
-      m.summary = train.report_ended(m.workdir)
+      m.summary = wd.read_json(os.path.join(m.workdir, wd.SUMMARY_FILE))
   opened = [m.opened for m in members if m.opened is not None]
   if not opened or any(o.start == 0 for o in opened):
     return None
@@ -509,17 +508,3 @@ def _record(program: _Program, members: list[_Member], states, d: _Data, step: i
     if is_ckpt:
       with _timed(times, "checkpoints"):
         m.ckpts.save(step, state, {"config": m.plan.config, **m.opened.rec.meta()})
-
-
-def _start_line(members: list[_Member]) -> str:
-  plan, run = members[0].plan, members[0].run
-  varying = [k for k in POPULATION_KEYS
-             if len({json.dumps(_setting(m.plan.config, k)) for m in members}) > 1]
-  starts = sorted({m.opened.start for m in members})
-  where = ("starting" if starts == [0] else
-           f"resuming at step{'s' if len(starts) > 1 else ''} "
-           f"{', '.join(f'{s:,}' for s in starts)}")
-  return (f"population of {len(members)} members (varying {', '.join(varying) or 'nothing'}): "
-          f"{plan.data.dataset} -> {plan.model.name} "
-          f"({plan.model.num_params:,} parameters), {plan.optimizer.name}, "
-          f"{run.num_steps:,} steps of batch {plan.batch_size}; {where}")

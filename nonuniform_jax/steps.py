@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from nonuniform_jax import checks
+from nonuniform_jax import per_example as per_example_lib
 from nonuniform_jax.objective import Objective, cross_entropy
 from nonuniform_jax.optim import kfac
 
@@ -114,9 +115,8 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
       statistics, in the same forward and backward, on the steps that refresh them),
       'per_example_grads' (SAM-GCM), 'per_example_loss_fn' (COV, with 'batch').
   """
-  unknown = set(extra_args) - set(EXTRA_ARGS)
-  if unknown:
-    raise ValueError(f"unknown extra_args {sorted(unknown)}; choose from {list(EXTRA_ARGS)}")
+  for arg in extra_args:
+    checks.choice("extra_args entry", arg, EXTRA_ARGS)
   if extra_args and groups > 1:
     raise ValueError(f"{list(extra_args)} need the whole batch in one group, got {groups}")
   checks.choice("bn_policy", bn_policy, BN_POLICIES)
@@ -147,15 +147,14 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
   def per_example(state, batch, key) -> dict:
     """Per-example losses and gradients: each example a batch of one (models without
     BatchNorm, whose examples do not interact)."""
-    def example_loss(params, example):
-      return objective.train_loss(params, state.batch_stats,
-                                  jax.tree.map(lambda x: x[None], example), key)[0]
+    def loss_fn(params, b):
+      return objective.train_loss(params, state.batch_stats, b, key)[0]
     out = {}
     if "per_example_grads" in extra_args:
-      out["per_example_grads"] = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(
-          state.params, batch)
+      out["per_example_grads"] = per_example_lib.per_example_grads(loss_fn, state.params, batch)
     if "per_example_loss_fn" in extra_args:
-      out["per_example_loss_fn"] = jax.vmap(example_loss, in_axes=(None, 0))
+      out["per_example_loss_fn"] = jax.vmap(per_example_lib.example_loss(loss_fn),
+                                            in_axes=(None, 0))
       out["batch"] = batch
     return out
 

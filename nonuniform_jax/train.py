@@ -103,7 +103,8 @@ def build(plan: plan_lib.Plan, *, initialise: bool = True) -> Run:
   state_sharding = parallel.state_shardings(jax.eval_shape(init_state), mesh,
                                             plan.devices.fully_sharded)
   state = jax.jit(init_state, out_shardings=state_sharding)() if initialise else None
-  objective = Objective(model, label_smoothing=plan.label_smoothing, l2=plan.optimizer.l2)
+  objective = Objective(model, label_smoothing=plan.label_smoothing, l2=plan.optimizer.l2,
+                        precision=plan.precision)
   return Run(ds, objective, tx, schedule, num_steps, mesh, state, state_sharding, context)
 
 
@@ -147,19 +148,20 @@ def train(plan: plan_lib.Plan, workdir: str) -> dict:
   # take the workdir and write to it.
   ended = ended_run(plan, workdir, ckpts)
   if ended is not None:
+    print(_final_line(ended))
     return ended
   run = build(plan)
   with owned(workdir):
     opened = open_run(plan, run, workdir, ckpts)
     if opened is None:   # it ended while this run was being built
-      return report_ended(workdir)
+      return _report_ended(workdir)
     print(_start_line(plan, run, workdir, opened.start), flush=True)
     try:
       diverged_step = _loop(plan, run, opened.state, opened.start, ckpts, opened.rec)
     finally:
       opened.rec.close()
     summary = close_run(plan, run, opened, diverged_step, ckpts, time.time() - started)
-  print(final_line(summary))
+  print(_final_line(summary))
   return summary
 
 
@@ -176,11 +178,13 @@ class Opened(NamedTuple):
 
 def ended_run(plan: plan_lib.Plan, workdir: str, ckpts: checkpoints.Checkpoints) -> dict | None:
   """Reading only: refuses a workdir held by another run or holding a different config; the
-  summary of a run of ``plan`` that already ended there (its last line printed), else None."""
+  summary of a run of ``plan`` that already ended there, else None."""
   wd.check_free(workdir)
   status = wd.prepare(workdir, plan.config, plan.overwrite, write=False,
                       checkpoints=_checkpoint_facts(ckpts))
-  return report_ended(workdir) if status in ("completed", "diverged") else None
+  if status in ("completed", "diverged"):
+    return wd.read_json(os.path.join(workdir, wd.SUMMARY_FILE))
+  return None
 
 
 def open_run(plan: plan_lib.Plan, run: Run, workdir: str,
@@ -390,9 +394,9 @@ def _summary(plan, run: Run, diverged_step, final, rec, ckpts, wall_time) -> dic
   return summary
 
 
-def report_ended(workdir: str) -> dict:
+def _report_ended(workdir: str) -> dict:
   summary = wd.read_json(os.path.join(workdir, wd.SUMMARY_FILE))
-  print(final_line(summary))
+  print(_final_line(summary))
   return summary
 
 
@@ -412,7 +416,7 @@ def _start_line(plan: plan_lib.Plan, run: Run, workdir: str, start: int) -> str:
           + f"; {where} in {workdir}")
 
 
-def final_line(summary: dict) -> str:
+def _final_line(summary: dict) -> str:
   if summary["status"] == "diverged":
     good = summary.get("last_good_checkpoint")
     return (f"diverged at step {summary['diverged_step']} (non-finite training loss); "

@@ -75,5 +75,5 @@ def test_bad_optimizer_names(kwargs, match):
 def test_bad_schedule():
   with pytest.raises(ValueError, match="unknown schedule 'poly'.*cosine"):
     base.learning_rate_schedule("poly", 0.1, 10)
-  with pytest.raises(ValueError, match="learning_rate must be > 0, got -1"):
+  with pytest.raises(ValueError, match="learning_rate must be a finite number > 0, got -1"):
     base.learning_rate_schedule("cosine", -1, 10)

@@ -37,7 +37,7 @@ def test_offline_datasets_shapes(mnist1d):
   assert (digits.input_shape, digits.num_train, digits.test.num_examples) == ((8, 8, 1), 1437, 360)
   for ds in (mnist1d, digits):   # what a model is built from before the data are read
     assert data.describe(ds.name, 0) == (ds.num_classes, ds.input_shape)
-  with pytest.raises(ValueError, match="image_size=0 must be positive"):
+  with pytest.raises(ValueError, match="image_size must be an integer >= 1, got 0"):
     data.describe("imagenet2012", 0)
   x = next(digits.test.eval_batches(360))["inputs"]
   assert x.dtype == np.float32 and abs(float(x.mean())) < 0.1      # normalised
@@ -187,7 +187,8 @@ def test_label_noise_dataset_and_file(tmp_path):
     ({"eval_batch_size": -1}, "eval_batch_size=-1"),
     ({"num_train_examples": -5}, "num_train_examples=-5"),
     ({"label_noise": "pairflip"}, "unknown label_noise 'pairflip'"),
-    ({"label_noise": "symmetric", "label_noise_rate": 1.5}, "label_noise_rate=1.5"),
+    ({"label_noise": "symmetric", "label_noise_rate": 1.5},
+     "label_noise_rate must be in \\[0, 1\\], got 1.5"),
     ({"label_noise_rate": 0.2}, "label_noise_rate=0.2"),
     ({"label_noise": "asymmetric", "label_noise_rate": 0.2}, "asymmetric label noise"),
     ({"name": "imagenet2012", "label_noise": "symmetric", "label_noise_rate": 0.2},

@@ -2,9 +2,10 @@
 set-up), at tiny scale through appended overrides: a documented command can no longer break
 while the functions under it pass.
 
-Commands of ``python -m nonuniform_jax.main`` / ``.measure`` run in this process through the
-same ``command(argv)`` that ``python -m`` runs (``tests/test_cli.py`` runs that wrapper itself),
-TFDS datasets under ``tfds.testing.mock_data``; Python blocks are executed; launch scripts run in
+Commands of ``python -m nonuniform_jax.main`` / ``.measure`` / ``.sweep`` / ``.plot`` run in
+this process through the same ``command(argv)`` that ``python -m`` runs (``tests/test_cli.py``
+runs that wrapper itself), TFDS datasets under ``tfds.testing.mock_data``, sweeps at their
+configs' ``tiny`` scale; Python blocks are executed; launch scripts run in
 their dry-run or no-install modes. What cannot run here is listed in ``NOT_RUN`` with the reason,
 and a command that is neither run nor listed fails the test.
 """
@@ -22,8 +23,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SOURCES = sorted([*ROOT.glob("configs/*.py"), *ROOT.glob("nonuniform_jax/**/*.py"),
-                  *ROOT.glob("benchmarks/*.py")])
+SOURCES = sorted([*ROOT.glob("configs/*.py"), *ROOT.glob("configs/sweeps/*.py"),
+                  *ROOT.glob("nonuniform_jax/**/*.py"), *ROOT.glob("benchmarks/*.py")])
 PROGRAMS = ("python", ".venv/bin/python", "python3.11", "launch/", "sbatch", "tensorboard",
             "DRY_RUN=", "TFDS_DATA_DIR=", "JAX_COORDINATOR_ADDRESS=")
 # Commands that are templates (placeholders in capitals) or cannot run here, with why.
@@ -163,6 +164,17 @@ def _mock_tfds_if_needed(argv):
     yield
 
 
+def _tiny_sweep(argv) -> list[str]:
+  """A sweep command at its config's ``tiny`` scale (the same members, or for the laptop study
+  five, of a few steps and tiny networks)."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--config=") and "tiny" not in arg:
+      arg += ",tiny" if ":" in arg else ":tiny"
+    out.append(arg)
+  return out
+
+
 PATH_FLAGS = ("--workdir", "--logdir", "--out")
 
 
@@ -194,7 +206,7 @@ def _make_logdir(argv, tmp: pathlib.Path) -> None:
   logdir = _flag(argv, "--logdir")
   if logdir is None or os.path.exists(logdir):
     return
-  from nonuniform_jax import main  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import main, sweep  # pylint: disable=g-import-not-at-top
   for _, command in COMMANDS:
     words = shlex.split(command) if not command.startswith("PYTHON:") else []
     if words[:3] in (["python", "-m", "nonuniform_jax.main"],
@@ -202,6 +214,11 @@ def _make_logdir(argv, tmp: pathlib.Path) -> None:
       args = _rewrite_workdirs(["nonuniform_jax.main", *words[3:]], tmp)
       if _flag(args, "--workdir") == logdir:
         assert main.command(args + _tiny(args)) == 0, command
+        return
+    if words[:3] == ["python", "-m", "nonuniform_jax.sweep"] and not _not_run(command):
+      args = _rewrite_workdirs(["nonuniform_jax.sweep", *words[3:]], tmp)
+      if _flag(args, "--workdir") == logdir:
+        assert sweep.command(_tiny_sweep(args)) == 0, command
         return
 
 
@@ -242,9 +259,10 @@ def test_documented_command_runs(where, command, workdirs, monkeypatch, capsys):
     module = words[2].split(".", 1)[1]
     argv = _rewrite_workdirs([f"nonuniform_jax.{module}", *words[3:]], workdirs)
     if "--help" in argv:
-      from nonuniform_jax import main, measure, plot  # pylint: disable=g-import-not-at-top
+      # pylint: disable-next=g-import-not-at-top
+      from nonuniform_jax import main, measure, plot, sweep
       with pytest.raises(SystemExit) as info:
-        {"main": main, "measure": measure, "plot": plot}[module].command(argv)
+        {"main": main, "measure": measure, "plot": plot, "sweep": sweep}[module].command(argv)
       assert info.value.code == 0 and "usage" in capsys.readouterr().out.lower()
       return
     if module == "main":
@@ -266,6 +284,14 @@ def test_documented_command_runs(where, command, workdirs, monkeypatch, capsys):
       from nonuniform_jax import measure  # pylint: disable=g-import-not-at-top
       status = measure.command(argv)
       assert status == 0 and "measure/" in capsys.readouterr().out
+    elif module == "sweep":   # every dataset mocked: the tiny members train, or only emit
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      from nonuniform_jax import sweep  # pylint: disable=g-import-not-at-top
+      with tfds.testing.mock_data(num_examples=64):
+        status = sweep.command(_tiny_sweep(argv))
+      out = capsys.readouterr().out
+      assert status == 0, (where, command, out)
+      assert "python -m nonuniform_jax.plot --logdir" in out, out
     elif module == "plot":
       from nonuniform_jax import plot  # pylint: disable=g-import-not-at-top
       _make_logdir(argv, workdirs)

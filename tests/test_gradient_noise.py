@@ -1,7 +1,5 @@
 """Gradient-noise measures against brute-force per-example gradients and dense Hessians."""
 
-import importlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,11 +9,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from nonuniform_jax import measures
+from nonuniform_jax.measures import captures
 from nonuniform_jax.models import get_model, layers
 from nonuniform_jax.optim import kfac
-
-# The module itself: ``measures.gradient_noise`` is also the exported function.
-gradient_noise_module = importlib.import_module("nonuniform_jax.measures.gradient_noise")
 
 
 def random_params(model, x, rng):
@@ -222,14 +218,14 @@ def test_fast_path_in_chunks_and_its_cancellation_guard(mlp, monkeypatch):
   make 13 = 4 + 4 + 4 + 1) with the same result; 'auto' reruns chunked when tr Σ is too small
   against mean‖g_i‖² for float32."""
   kwargs = dict(capture_loss_fn=mlp.capture_loss_fn, perturbations_fn=mlp.perturbations_fn)
-  assert gradient_noise_module.capture_bytes_per_example(
+  assert captures.capture_bytes_per_example(
       mlp.capture_loss_fn, mlp.perturbations_fn, mlp.params, mlp.batch) == 100
   whole = measures.gradient_noise(mlp.loss_fn, mlp.params, [mlp.batch], method="fast", **kwargs)
-  sizes, real = [], gradient_noise_module._fast_weighted
+  sizes, real = [], captures._weighted
   def recording(capture, perts, params, batch, weight, with_factors):
     sizes.append(len(batch["y"]))
     return real(capture, perts, params, batch, weight, with_factors=with_factors)
-  monkeypatch.setattr(gradient_noise_module, "_fast_weighted", recording)
+  monkeypatch.setattr(captures, "_weighted", recording)
   parts = measures.gradient_noise(mlp.loss_fn, mlp.params, [mlp.batch], method="fast",
                                   capture_bytes=400, **kwargs)
   assert sizes == [4, 4, 4, 1]
@@ -280,7 +276,7 @@ def test_batchnorm_is_captured_with_running_statistics_only():
   _, state = model.apply({**variables, "perturbations": perts}, x,
                          mutable=["kfac", "batch_stats"])
   assert sorted(state["kfac"]) == ["Conv_0", "Dense_0", "Dense_1"]
-  missing = gradient_noise_module._uncovered(
+  missing = captures.uncovered(
       variables["params"], None, lambda b: layers.zero_perturbations(model, variables, b),
       [(x, np.int32(0))])
   assert len(missing) == 4 and all("BatchNorm" in m for m in missing)

@@ -196,6 +196,16 @@ def test_parameter_counts(name, kwargs, num_classes, side, expected):
   assert _num_params(_registered_shapes(name, num_classes, side, tuple(kwargs.items()))) == expected
 
 
+def test_cnn_convolves_one_dimensional_signals_along_their_length():
+  """MNIST-1D's [batch, 40] signals get a channel axis and 1-D convolutions (kernel 3, pooling
+  2): the laptop study's CNN has 3·16 + 16, 3·16·32 + 32, (10·32)·64 + 64 and 64·10 + 10
+  parameters in its four layers."""
+  model = get_model("cnn", 10, channels=(16, 32), hidden=64)
+  shapes = _shapes(model, jnp.zeros((1, 40), jnp.float32))
+  assert _num_params(shapes) == 64 + 1_568 + 20_544 + 650 == 22_826
+  assert shapes["params"]["Conv_0"]["kernel"].shape == (3, 1, 16)
+
+
 def test_batch_stats_update_in_training_mode_only():
   model = get_model("cifar_resnet", NUM_CLASSES, depth=8, width=4)
   x = _images(9, batch=4)

@@ -158,7 +158,9 @@ def test_different_config_refused_unless_overwrite(reference_run, tmp_path):
     ({"optimizer.name": "csam", "csam.metric": "kfac", "kfac.damping": 0.0},
      "damping must be > 0, got 0.0"),
     ({"optimizer.name": "gam", "kfac.stats_every": 0}, "stats_every must be an integer >= 1"),
-    ({"optimizer.name": "sam_gcm", "sam_gcm.xi": -1.0}, "optimizer 'sam_gcm', settings sam_gcm.rho, sam_gcm.xi, sam_gcm.max_params: xi must be"),
+    ({"optimizer.name": "sam_gcm", "sam_gcm.xi": -1.0},
+     "optimizer 'sam_gcm', settings sam_gcm.rho, sam_gcm.xi, sam_gcm.max_params: xi must be a "
+     "finite number > 0, got -1.0"),
     ({"data_seed": -2}, "data_seed -2 must be an integer >= 0, or -1 (the run's seed)"),
     ({"optimizer.learning_rate": float("inf")}, "optimizer.learning_rate must be a finite number"),
     ({"optimizer.name": "sam", "sam.rho": float("inf")}, "sam.rho must be a finite number, got inf"),

@@ -8,12 +8,13 @@ stream through tf.data (``streaming.StreamSource``) with the same guarantees. Te
 imported only when a TFDS dataset is loaded.
 """
 
-import dataclasses
 
 import numpy as np
 
+from nonuniform_jax import checks
 from nonuniform_jax.data import label_noise as label_noise_lib
 from nonuniform_jax.data import offline, pipeline, preprocessing
+from nonuniform_jax.data.sources import Datasets
 
 OFFLINE = ("mnist1d", "digits")
 TFDS_IN_MEMORY = ("mnist", "fashion_mnist", "cifar10", "cifar100")
@@ -28,58 +29,29 @@ SHAPES = {"mnist1d": (10, (40,)), "digits": (10, (8, 8, 1)), "mnist": (10, (28, 
           "cifar100": (100, (32, 32, 3)), "imagenet2012": (1000, None), "food101": (101, None)}
 
 
-@dataclasses.dataclass
-class Datasets:
-  """A dataset ready for training: three sources plus what the run summary records.
-
-  ``input_shape`` is one example's shape after preprocessing; ``num_train`` the number of
-  training examples used (all processes). ``noise`` holds the noisy training labels (None
-  without label noise); ``clean_train_labels`` and ``train_indices`` (positions in the full
-  training split) go with it into ``write_label_noise``.
-  """
-  name: str
-  num_classes: int
-  input_shape: tuple
-  num_train: int
-  info: dict
-  train: object
-  train_eval: object
-  test: object
-  noise: label_noise_lib.LabelNoise | None = None
-  clean_train_labels: np.ndarray | None = None
-  train_indices: np.ndarray | None = None
-
-
-def _choices(value, valid, what):
-  if value not in valid:
-    raise ValueError(f"unknown {what} {value!r}; choose one of {list(valid)}")
-
-
 def describe(name: str, image_size: int) -> tuple[int, tuple]:
   """(number of classes, one example's shape after preprocessing) of a dataset, without loading
   it or importing TensorFlow: what a model can be built from before the data are read."""
-  _choices(name, DATASETS, "dataset")
+  checks.choice("dataset", name, DATASETS)
   num_classes, shape = SHAPES[name]
-  if shape is None and image_size <= 0:
-    raise ValueError(f"image_size={image_size} must be positive")
+  if shape is None:
+    checks.integer("image_size", image_size, 1)
   return num_classes, (image_size, image_size, 3) if shape is None else shape
 
 
 def check_args(name: str, *, batch_size: int, eval_batch_size: int, num_train_examples: int,
                label_noise: str, label_noise_rate: float, process_count: int) -> None:
   """Raises a one-line ValueError for a bad dataset setting; loads nothing, imports no TF."""
-  _choices(name, DATASETS, "dataset")
-  if process_count < 1:
-    raise ValueError(f"process_count={process_count} must be >= 1")
+  checks.choice("dataset", name, DATASETS)
+  checks.integer("process_count", process_count, 1)
   for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
     if value <= 0 or value % process_count:
       raise ValueError(f"{key}={value} must be a positive multiple of the process count "
                        f"{process_count}")
   if num_train_examples < 0:
     raise ValueError(f"num_train_examples={num_train_examples} must be >= 0 (0: all)")
-  _choices(label_noise, label_noise_lib.NOISE_KINDS, "label_noise")
-  if not 0.0 <= label_noise_rate <= 1.0:
-    raise ValueError(f"label_noise_rate={label_noise_rate} must be in [0, 1]")
+  checks.choice("label_noise", label_noise, label_noise_lib.NOISE_KINDS)
+  checks.in_range("label_noise_rate", label_noise_rate, 0, 1)
   if label_noise == "none" and label_noise_rate:
     raise ValueError(f"label_noise_rate={label_noise_rate} needs label_noise 'symmetric' or "
                      "'asymmetric', not 'none'")
@@ -119,8 +91,7 @@ def get_datasets(name: str, *, seed: int, batch_size: int | None = None, data_di
   check_args(name, batch_size=batch_size or process_count, eval_batch_size=process_count,
              num_train_examples=num_train_examples, label_noise=label_noise,
              label_noise_rate=label_noise_rate, process_count=process_count)
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  checks.in_range("process_index", process_index, 0, process_count, high_open=True)
   if train_eval_examples < 0:
     raise ValueError(f"train_eval_examples={train_eval_examples} must be >= 0 (0: all)")
   if name in TFDS_STREAMING:

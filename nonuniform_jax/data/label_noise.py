@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from etils import epath
 
+from nonuniform_jax import checks
 from nonuniform_jax.data import pipeline
 
 NOISE_KINDS = ("none", "symmetric", "asymmetric")
@@ -94,6 +95,7 @@ class LabelNoise(NamedTuple):
 def apply(labels: np.ndarray, *, kind: str, rate: float, num_classes: int, seed: int,
           dataset: str) -> LabelNoise:
   """Applies label noise of ``kind`` ('none', 'symmetric', 'asymmetric') at ``rate`` to labels."""
+  checks.choice("label_noise", kind, NOISE_KINDS)
   labels = np.asarray(labels, np.int32)
   gen = pipeline.rng(seed, pipeline.STREAM_LABEL_NOISE)
   noisy_labels = labels.copy()
@@ -109,10 +111,8 @@ def apply(labels: np.ndarray, *, kind: str, rate: float, num_classes: int, seed:
       chosen = gen.permutation(members)[:round(rate * len(members))]
       noisy_labels[chosen] = targets[c]
       selected += len(chosen)
-  elif kind == "none":
+  else:   # 'none'
     selected = 0
-  else:
-    raise ValueError(f"unknown label_noise {kind!r}; choose one of {list(NOISE_KINDS)}")
   noisy = noisy_labels != labels
   summary = {"kind": kind, "rate": float(rate), "num_selected": int(selected),
              "num_flipped": int(noisy.sum()), "flipped_fraction": float(noisy.mean()),

@@ -23,6 +23,8 @@ from typing import Callable, Iterator, NamedTuple
 import jax
 import numpy as np
 
+from nonuniform_jax import checks
+
 Batch = dict[str, np.ndarray]
 
 
@@ -168,8 +170,7 @@ def prefetch_to_device(iterator: Iterator[Batch], size: int,
   the mesh (and assembles the global array across processes). Exceptions in the producer are
   re-raised in the consumer; closing the returned generator stops the thread.
   """
-  if size < 1:
-    raise ValueError(f"prefetch size={size} must be >= 1")
+  checks.integer("prefetch size", size, 1)
   buffer: queue.Queue = queue.Queue(maxsize=size)
   stop = threading.Event()
   done = object()

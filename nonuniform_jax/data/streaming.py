@@ -39,7 +39,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from nonuniform_jax.data import datasets, pipeline, tfds_data
+from nonuniform_jax import checks
+from nonuniform_jax.data import pipeline, tfds_data
+from nonuniform_jax.data.sources import Datasets
 from nonuniform_jax.data.preprocessing import NORMALIZATION
 
 CROP_PADDING = 32
@@ -247,15 +249,14 @@ class StreamSource:
 
 def get_datasets(name: str, *, seed: int, data_dir: str, augment: bool, image_size: int,
                  num_train_examples: int, train_eval_examples: int, process_index: int,
-                 process_count: int) -> datasets.Datasets:
-  """ImageNet or Food-101 as three ``StreamSource``s (arguments: ``datasets.get_datasets``).
+                 process_count: int) -> Datasets:
+  """ImageNet or Food-101 as three ``StreamSource``s (arguments: ``data.get_datasets``).
 
   A training subset and the train-eval subset within it are drawn by the seed like those of
   the in-memory datasets (``pipeline.seeded_subset``); without a training subset, train-eval
   takes the first examples of the split (TFDS stores them shuffled), which costs no full pass.
   """
-  if image_size <= 0:
-    raise ValueError(f"image_size={image_size} must be positive")
+  checks.integer("image_size", image_size, 1)
   b = tfds_data.builder(name, data_dir)
   test_split, num_classes = tfds_data.SPLITS[name]
   mean, std = NORMALIZATION[name]
@@ -302,7 +303,7 @@ def get_datasets(name: str, *, seed: int, data_dir: str, augment: bool, image_si
       "process_index": process_index,
       "process_count": process_count,
   }
-  return datasets.Datasets(name=name, num_classes=num_classes, input_shape=shape,
+  return Datasets(name=name, num_classes=num_classes, input_shape=shape,
                            num_train=train.num_examples, info=info, train=train,
                            train_eval=train_eval, test=test)
 

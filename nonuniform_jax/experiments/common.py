@@ -62,21 +62,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
   return "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]) + "\n"
 
 
-def check_choices(kind: str, values: Sequence[str], choices: Sequence[str]) -> None:
-  """ValueError naming the first unknown value and the valid choices; also refuses none."""
-  if not values:
-    raise ValueError(f"{kind} is empty; choose from {list(choices)}")
-  for v in values:
-    if v not in choices:
-      raise ValueError(f"unknown {kind[:-1] if kind.endswith('s') else kind} {v!r}; "
-                       f"choose from {list(choices)}")
-
-
-def check_positive(name: str, value) -> None:
-  if not (isinstance(value, (int, float)) and value > 0):
-    raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
 def pyplot():
   """matplotlib.pyplot on the Agg backend (no display needed); imported only when plotting."""
   import matplotlib  # pylint: disable=g-import-not-at-top

@@ -42,8 +42,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from nonuniform_jax import optim
+from nonuniform_jax import checks, optim
 from nonuniform_jax.experiments import common
+from nonuniform_jax.per_example import per_example_grads
 
 METHODS = ("sgd", "sam", "sam_gcm", "csam", "label_noise_sgd")
 LABELS = {"sgd": "SGD", "sam": "SAM", "sam_gcm": "SAM-GCM", "csam": "CSAM",
@@ -136,7 +137,7 @@ def train(method: str, config: ml_collections.ConfigDict, inputs: dict) -> dict:
     grad_fn = jax.grad(lambda p: loss_fn(p, batch))
     extra = {}
     if method == "sam_gcm":
-      extra["per_example_grads"] = optim.per_example_grads(per_example_loss, params, batch)
+      extra["per_example_grads"] = per_example_grads(loss_fn, params, batch, per_example_loss)
     updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn, **extra)
     return (optax.apply_updates(params, updates), state), None
 
@@ -196,10 +197,10 @@ def haochen_train(method: str, hc: ml_collections.ConfigDict, key: jax.Array) ->
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  common.check_choices("methods", config.methods, METHODS)
+  checks.choices("method", config.methods, METHODS)
   for name in ("num_train", "num_test", "dim", "sparsity", "batch_size", "learning_rate",
                "num_epochs", "num_seeds", "init_scale"):
-    common.check_positive(name, config[name])
+    checks.positive(name, config[name])
   if config.sparsity > config.dim:
     raise ValueError(f"sparsity must be <= dim={config.dim}, got {config.sparsity}")
   if config.batch_size > config.num_train:
@@ -209,9 +210,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     optimizer(method, config)
   hc = config.haochen
   if hc.enabled:
-    common.check_choices("haochen.methods", hc.methods, HAOCHEN_METHODS)
+    checks.choices("haochen.method", hc.methods, HAOCHEN_METHODS)
     for name in ("dim", "support", "num_examples", "learning_rate", "num_steps", "num_seeds"):
-      common.check_positive(f"haochen.{name}", hc[name])
+      checks.positive(f"haochen.{name}", hc[name])
     if hc.num_steps < 3:
       raise ValueError(f"haochen.num_steps must be >= 3 (the rate drops after 1/3 and 2/3 of "
                        f"them), got {hc.num_steps}")

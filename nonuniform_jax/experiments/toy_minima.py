@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from nonuniform_jax import measures, optim
+from nonuniform_jax import checks, measures, optim
 from nonuniform_jax.experiments import common
 
 METHODS = ("gd", "sgd", "momentum", "nesterov", "sam")
@@ -125,9 +125,9 @@ def minimum_measures(config: ml_collections.ConfigDict) -> dict:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  common.check_choices("methods", config.methods, METHODS)
+  checks.choices("method", config.methods, METHODS)
   for name in ("learning_rate", "num_steps", "num_seeds", "tolerance", "measure_iterations"):
-    common.check_positive(name, config[name])
+    checks.positive(name, config[name])
   if len(config.coefficients) < 2:
     raise ValueError(f"coefficients needs at least two examples, got {config.coefficients!r}")
   for method in config.methods:   # the optimizers check their own hyperparameters

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from nonuniform_jax import optim
+from nonuniform_jax import checks, optim
 from nonuniform_jax.experiments import common
 
 METHODS = ("sgd", "sam", "cov")
@@ -94,10 +94,10 @@ def full_losses(thetas: np.ndarray, data: dict) -> np.ndarray:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  common.check_choices("methods", config.methods, METHODS)
+  checks.choices("method", config.methods, METHODS)
   for name in ("learning_rate", "num_steps", "num_seeds", "num_examples", "batch_size",
                "log_every"):
-    common.check_positive(name, config[name])
+    checks.positive(name, config[name])
   if config.batch_size > config.num_examples:
     raise ValueError(f"batch_size must be <= num_examples={config.num_examples}, got "
                      f"{config.batch_size}")

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 
-from nonuniform_jax.measures import _tree
-from nonuniform_jax.measures.gradient_noise import _as_pytree, _batches, _layer_name, _tree_add
+from nonuniform_jax import checks, pytree
+from nonuniform_jax.measures import batching
 from nonuniform_jax.optim import kfac
+from nonuniform_jax.per_example import num_examples
 
 
 def _layers(tree) -> dict[str, dict[str, jax.Array]]:
@@ -36,7 +37,7 @@ def _layers(tree) -> dict[str, dict[str, jax.Array]]:
   out: dict[str, dict[str, jax.Array]] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     leaf_name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1]))) if path else ""
-    out.setdefault(_layer_name(path), {})[leaf_name] = jnp.asarray(leaf, jnp.float32)
+    out.setdefault(pytree.layer_name(path), {})[leaf_name] = jnp.asarray(leaf, jnp.float32)
   return out
 
 
@@ -97,8 +98,7 @@ def class_loss_imbalance(losses, labels, num_classes: int, mask=None) -> dict[st
     dict: ``imbalance`` (float), ``class_losses`` ([C] numpy array, NaN for absent classes) and
     ``num_classes_present``.
   """
-  if not (isinstance(num_classes, int) and num_classes >= 1):
-    raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+  checks.integer("num_classes", num_classes, 1)
   losses = jnp.asarray(losses, jnp.float32)
   labels = jnp.asarray(labels)
   if labels.ndim == 2:
@@ -143,7 +143,7 @@ def _dense_inputs(params, layers) -> dict[str, int]:
   [B, T, K̄] holds the layer's input in its first d_in columns (then the bias column, if any)."""
   out = {}
   for name in layers:
-    kernel = kfac._layer_params(params, name)["kernel"]
+    kernel = pytree.layer_params(params, name)["kernel"]
     if np.ndim(kernel) == 2:
       out[name] = np.shape(kernel)[0]
   return out
@@ -196,7 +196,7 @@ def nonuniformity_diagnostics(capture_loss_fn: Callable, params, batches: Sequen
 
   Args:
     capture_loss_fn: ``(params, perturbations, batch) -> (losses [b], 'kfac' collection)``, as
-      for the fast path of ``gradient_noise``.
+      for the fast path (``measures.captures``).
     params: the point θ.
     batches: sequence of batches, each a dict with ``'labels'`` ([b] integer classes or [b, C]
       one-hot/soft labels).
@@ -209,21 +209,22 @@ def nonuniformity_diagnostics(capture_loss_fn: Callable, params, batches: Sequen
     ``num_examples`` and ``num_batches``.
   """
   del key
-  groups = _tree.group_batches(batches)
-  ordered = list(_batches(groups))   # the order of the losses below
+  groups = batching.group_batches(batches)
+  ordered = list(batching.ungroup(groups))   # the order of the losses below
   labels = np.concatenate([_labels_of(b) for b in ordered])
   if num_classes is None:
     num_classes = labels.shape[-1] if labels.ndim == 2 else int(np.max(labels)) + 1
-  _tree.check_positive_int("num_classes", num_classes)
+  checks.integer("num_classes", num_classes, 1)
   if labels.ndim == 1 and np.max(labels) >= num_classes:
     raise ValueError(f"labels go up to {int(np.max(labels))}, beyond num_classes={num_classes}")
-  capture_loss_fn, perturbations_fn = _as_pytree(capture_loss_fn), _as_pytree(perturbations_fn)
-  n = _tree.total_examples(groups)
+  capture_loss_fn = batching.as_loss_pytree(capture_loss_fn)
+  perturbations_fn = batching.as_loss_pytree(perturbations_fn)
+  n = batching.total_examples(groups)
   total, losses = None, []
   for batch in ordered:
     part, batch_losses = _diagnostics_batch(capture_loss_fn, perturbations_fn, params, batch,
-                                            np.float32(_tree.num_examples(batch) / n))
-    total = part if total is None else _tree_add(total, part)
+                                            np.float32(num_examples(batch) / n))
+    total = part if total is None else pytree.tree_add(total, part)
     losses.append(batch_losses)
   imbalance = class_loss_imbalance(jnp.concatenate(losses), labels, int(num_classes))
   out = {"class_loss_imbalance": imbalance["imbalance"]}
@@ -235,4 +236,4 @@ def nonuniformity_diagnostics(capture_loss_fn: Callable, params, batches: Sequen
   out.update({f"activation_disparity/{k}": activation_disparity(v[None])
               for k, v in total["units"].items()})
   return {**out, "class_losses": [float(c) for c in imbalance["class_losses"]],
-          "num_examples": n, "num_batches": len(ordered)}
+          "num_examples": n, "num_batches": batching.num_batches(groups)}

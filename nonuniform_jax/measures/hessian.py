@@ -8,7 +8,7 @@ and H is never materialised: every estimator only applies H v = ∂/∂ε ∇L(�
 forward-over-reverse (``jax.jvp`` of ``jax.grad``), batch by batch inside one jitted function,
 and runs its iterations on device (``lax`` loops, no host sync per iteration).
 
-* ``hvp``: H v for a pytree v like ``params``.
+* ``hvp``: H v for a pytree v like ``params`` (``grouped_hvp`` inside other jitted code).
 * ``top_eigenvalues`` / ``lambda_max``: the largest eigenvalues by Lanczos with full
   reorthogonalisation (default) or by power iteration with deflation, with the residual
   ‖H u − λ u‖ of every returned pair (as PyHessian, Yao et al. 2020, reports for power iteration).
@@ -33,9 +33,11 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from nonuniform_jax.measures import _tree
+from nonuniform_jax import checks
+from nonuniform_jax.measures import batching
+from nonuniform_jax.per_example import LossFn
+from nonuniform_jax.pytree import parameter_count
 
-LossFn = Callable[[Any, Any], jax.Array]
 MatVec = Callable[[jax.Array], jax.Array]
 METHODS = ("lanczos", "power")
 
@@ -206,38 +208,36 @@ def slq(matvec: MatVec, probes: jax.Array, num_iters: int):
 # ---------------------------------------------------------------- the Hessian of a loss
 
 
-def _hvp(loss_fn, params, groups, v):
+def grouped_hvp(loss_fn: LossFn, params, groups, v):
+  """H v over the batches of ``groups`` (``batching.group_batches``): ``hvp`` without its
+  grouping and jit, for use inside other jitted code (e.g. mean_i H_i² − H², ``measures.wu``)."""
   def per_batch(batch, index):
     del index
     return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
-  return _tree.batch_mean(per_batch, groups)
+  return batching.batch_mean(per_batch, groups)
 
 
 def _flat_operator(loss_fn, params, groups):
   """(θ ravelled, unravel, v ↦ H v on ravelled vectors)."""
   flat, unravel = ravel_pytree(params)
   def matvec(x):
-    return ravel_pytree(_hvp(loss_fn, params, groups, unravel(x)))[0]
+    return ravel_pytree(grouped_hvp(loss_fn, params, groups, unravel(x)))[0]
   return flat, unravel, matvec
 
 
-_hvp_jit = jax.jit(_hvp)
+_hvp_jit = jax.jit(grouped_hvp)
 
 
 def hvp(loss_fn: LossFn, params, batches: Sequence[Any], v):
   """H v, the Hessian of the size-weighted mean loss over ``batches`` at ``params`` applied to a
   pytree ``v`` like ``params`` (forward-over-reverse, one batch at a time; H never formed)."""
-  groups = _tree.group_batches(batches)
-  return _hvp_jit(_tree.as_loss_pytree(loss_fn), params, groups, v)
+  groups = batching.group_batches(batches)
+  return _hvp_jit(batching.as_loss_pytree(loss_fn), params, groups, v)
 
 
 def _settings(groups, **settings) -> dict:
-  num_batches = sum(1 if np.ndim(i) == 0 else np.shape(i)[0] for _, i in groups)
-  return {**settings, "num_examples": _tree.total_examples(groups), "num_batches": num_batches}
-
-
-def _num_params(params) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+  return {**settings, "num_examples": batching.total_examples(groups),
+          "num_batches": batching.num_batches(groups)}
 
 
 @functools.partial(jax.jit, static_argnames=("k", "method", "num_iters", "tol"))
@@ -272,20 +272,20 @@ def top_eigenvalues(loss_fn: LossFn, params, batches: Sequence[Any], k: int, *,
     num_hvps (iterations + k), converged, and the settings (k, method, num_iters, tol, seed,
     num_examples, num_batches).
   """
-  _tree.check_positive_int("k", k)
-  _tree.check_choice("method", method, METHODS)
-  _tree.check_positive_int("num_iters", num_iters)
-  _tree.check_nonnegative("tol", tol)
-  dim = _num_params(params)
+  checks.integer("k", k, 1)
+  checks.choice("method", method, METHODS)
+  checks.integer("num_iters", num_iters, 1)
+  checks.non_negative("tol", tol)
+  dim = parameter_count(params)
   if k > dim:
     raise ValueError(f"k={k} exceeds the number of parameters {dim}")
   if method == "lanczos":
     if num_iters < k:
       raise ValueError(f"num_iters={num_iters} must be at least k={k} for Lanczos")
     num_iters = min(num_iters, dim)   # a Krylov space cannot grow past the dimension
-  groups = _tree.group_batches(batches)
-  key, seed = _tree.make_key(key)
-  out = _top_eigenvalues(_tree.as_loss_pytree(loss_fn), params, groups, key, k=k,
+  groups = batching.group_batches(batches)
+  key, seed = batching.make_key(key)
+  out = _top_eigenvalues(batching.as_loss_pytree(loss_fn), params, groups, key, k=k,
                          method=method, num_iters=num_iters, tol=float(tol))
   iterations = int(out["iterations"])
   return {"eigenvalues": np.asarray(out["eigenvalues"]),
@@ -332,10 +332,10 @@ def hessian_trace(loss_fn: LossFn, params, batches: Sequence[Any], *, num_probes
   Returns a dict: trace, stderr (NaN for one probe), samples [P], and the settings
   (num_probes, seed, num_examples, num_batches).
   """
-  _tree.check_positive_int("num_probes", num_probes)
-  groups = _tree.group_batches(batches)
-  key, seed = _tree.make_key(key)
-  samples = np.asarray(_hutchinson(_tree.as_loss_pytree(loss_fn), params, groups, key,
+  checks.integer("num_probes", num_probes, 1)
+  groups = batching.group_batches(batches)
+  key, seed = batching.make_key(key)
+  samples = np.asarray(_hutchinson(batching.as_loss_pytree(loss_fn), params, groups, key,
                                    num_probes=num_probes), np.float64)
   stderr = samples.std(ddof=1) / np.sqrt(num_probes) if num_probes > 1 else float("nan")
   return {"trace": float(samples.mean()), "stderr": float(stderr), "samples": samples,
@@ -363,14 +363,14 @@ def hessian_esd(loss_fn: LossFn, params, batches: Sequence[Any], *, num_iters: i
   Returns a dict: nodes [P, m], weights [P, m] (each row sums to 1), and the settings
   (num_iters, num_probes, seed, num_examples, num_batches).
   """
-  _tree.check_positive_int("num_iters", num_iters)
-  _tree.check_positive_int("num_probes", num_probes)
-  dim = _num_params(params)
+  checks.integer("num_iters", num_iters, 1)
+  checks.integer("num_probes", num_probes, 1)
+  dim = parameter_count(params)
   if num_iters > dim:
     raise ValueError(f"num_iters={num_iters} exceeds the number of parameters {dim}")
-  groups = _tree.group_batches(batches)
-  key, seed = _tree.make_key(key)
-  nodes, weights = _esd(_tree.as_loss_pytree(loss_fn), params, groups, key,
+  groups = batching.group_batches(batches)
+  key, seed = batching.make_key(key)
+  nodes, weights = _esd(batching.as_loss_pytree(loss_fn), params, groups, key,
                         num_iters=num_iters, num_probes=num_probes)
   return {"nodes": np.asarray(nodes), "weights": np.asarray(weights),
           **_settings(groups, num_iters=num_iters, num_probes=num_probes, seed=seed)}
@@ -394,8 +394,7 @@ def esd_density(nodes, weights, grid=None, *, sigma: float | None = None,
   low, high = nodes.min(), nodes.max()
   if sigma is None:
     sigma = 0.01 * ((high - low) or max(abs(high), 1.0))
-  if not sigma > 0:
-    raise ValueError(f"sigma must be > 0, got {sigma!r}")
+  checks.positive("sigma", sigma)
   if grid is None:
     margin = 0.05 * (high - low) + 5 * sigma
     grid = np.linspace(low - margin, high + margin, num_points)

@@ -21,18 +21,18 @@ To close over arrays that change between calls (BatchNorm statistics) without re
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax.tree_utils as otu
 from jax import lax
 
-from nonuniform_jax.measures import _tree
-from nonuniform_jax.optim.sam import global_norm, sam_perturbation, validate_rho
+from nonuniform_jax import checks
+from nonuniform_jax.measures import batching
+from nonuniform_jax.optim.sam import global_norm, sam_perturbation
+from nonuniform_jax.per_example import LossFn, num_examples
 
-LossFn = Callable[[Any, Any], jax.Array]
 NORMS = ("2", "inf")
 
 
@@ -58,9 +58,9 @@ def _times(scale, tree):
 
 
 def _result(groups, out: dict, **settings) -> dict:
-  num_batches = sum(1 if np.ndim(i) == 0 else np.shape(i)[0] for _, i in groups)
   return {**{name: float(value) for name, value in out.items()}, **settings,
-          "num_examples": _tree.total_examples(groups), "num_batches": num_batches}
+          "num_examples": batching.total_examples(groups),
+          "num_batches": batching.num_batches(groups)}
 
 
 # ---------------------------------------------------------------- SAM sharpness
@@ -73,7 +73,7 @@ def _sam_sharpness(loss_fn, params, groups, rho, eta, adaptive):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     eps = sam_perturbation(grads, params, rho, adaptive, eta)
     return {"loss": loss, "perturbed_loss": loss_fn(otu.tree_add(params, eps), batch)}
-  out = _tree.batch_mean(per_batch, groups)
+  out = batching.batch_mean(per_batch, groups)
   return {"sharpness": out["perturbed_loss"] - out["loss"], **out}
 
 
@@ -87,10 +87,10 @@ def sam_sharpness(loss_fn: LossFn, params, batches: Sequence[Any], rho: float, *
   Returns a dict: sharpness, loss (E_B L_B(θ)), perturbed_loss, and the settings (rho,
   adaptive, eta, num_examples, num_batches).
   """
-  validate_rho("rho", rho)
-  _tree.check_nonnegative("eta", eta)
-  groups = _tree.group_batches(batches)
-  out = _sam_sharpness(_tree.as_loss_pytree(loss_fn), params, groups, rho, eta,
+  checks.non_negative("rho", rho)
+  checks.non_negative("eta", eta)
+  groups = batching.group_batches(batches)
+  out = _sam_sharpness(batching.as_loss_pytree(loss_fn), params, groups, rho, eta,
                        adaptive=bool(adaptive))
   return _result(groups, out, rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
 
@@ -145,7 +145,7 @@ def _worst_case(loss_fn, params, groups, key, rho, step_size, p, adaptive, num_s
     worst = jnp.maximum(jnp.maximum(best_loss, loss_at(d)), clean)
     return {"loss": clean, "perturbed_loss": worst}
 
-  out = _tree.batch_mean(per_batch, groups)
+  out = batching.batch_mean(per_batch, groups)
   return {"sharpness": out["perturbed_loss"] - out["loss"], **out}
 
 
@@ -178,14 +178,14 @@ def worst_case_sharpness(loss_fn: LossFn, params, batches: Sequence[Any], rho: f
   Returns a dict: sharpness, loss, perturbed_loss (means over batches), and the settings (rho,
   p, adaptive, num_steps, step_size, random_init, seed, num_examples, num_batches).
   """
-  validate_rho("rho", rho)
+  checks.non_negative("rho", rho)
   p = _norm_name(p)
-  _tree.check_positive_int("num_steps", num_steps)
+  checks.integer("num_steps", num_steps, 1)
   step_size = 2.0 * rho if step_size is None else step_size
-  _tree.check_nonnegative("step_size", step_size)
-  groups = _tree.group_batches(batches)
-  key, seed = _tree.make_key(key)
-  out = _worst_case(_tree.as_loss_pytree(loss_fn), params, groups, key, rho, step_size, p=p,
+  checks.non_negative("step_size", step_size)
+  groups = batching.group_batches(batches)
+  key, seed = batching.make_key(key)
+  out = _worst_case(batching.as_loss_pytree(loss_fn), params, groups, key, rho, step_size, p=p,
                     adaptive=bool(adaptive), num_steps=num_steps, random_init=bool(random_init))
   return _result(groups, out, rho=float(rho), p=p, adaptive=bool(adaptive),
                  num_steps=num_steps, step_size=float(step_size),
@@ -198,7 +198,7 @@ def worst_case_sharpness(loss_fn: LossFn, params, batches: Sequence[Any], rho: f
 @functools.partial(jax.jit, static_argnames=("adaptive", "num_draws"))
 def _average(loss_fn, params, groups, key, rho, adaptive, num_draws):
   scale = _scale(params, adaptive)
-  n = _tree.total_examples(groups)
+  n = batching.total_examples(groups)
 
   def per_batch(batch, index):
     clean = loss_fn(params, batch)
@@ -208,12 +208,12 @@ def _average(loss_fn, params, groups, key, rho, adaptive, num_draws):
       return loss_fn(otu.tree_add_scale(params, rho, _times(scale, z)), batch) - clean
 
     rises = lax.map(draw, jax.random.split(jax.random.fold_in(key, index), num_draws))
-    weight = _tree.num_examples(batch) / n
+    weight = num_examples(batch) / n
     # Var of Σ_b w_b mean_b = Σ_b w_b² Var_b / S; batch_mean supplies one factor w_b.
     variance = weight * jnp.var(rises, ddof=1) / num_draws if num_draws > 1 else jnp.nan
     return {"sharpness": jnp.mean(rises), "loss": clean, "variance": variance}
 
-  out = _tree.batch_mean(per_batch, groups)
+  out = batching.batch_mean(per_batch, groups)
   return {"sharpness": out["sharpness"], "stderr": jnp.sqrt(out["variance"]),
           "loss": out["loss"]}
 
@@ -226,11 +226,11 @@ def average_sharpness(loss_fn: LossFn, params, batches: Sequence[Any], rho: floa
   Returns a dict: sharpness, stderr (of the Monte Carlo mean), loss, and the settings (rho,
   adaptive, num_draws, seed, num_examples, num_batches).
   """
-  validate_rho("rho", rho)
-  _tree.check_positive_int("num_draws", num_draws)
-  groups = _tree.group_batches(batches)
-  key, seed = _tree.make_key(key)
-  out = _average(_tree.as_loss_pytree(loss_fn), params, groups, key, rho,
+  checks.non_negative("rho", rho)
+  checks.integer("num_draws", num_draws, 1)
+  groups = batching.group_batches(batches)
+  key, seed = batching.make_key(key)
+  out = _average(batching.as_loss_pytree(loss_fn), params, groups, key, rho,
                  adaptive=bool(adaptive), num_draws=num_draws)
   return _result(groups, out, rho=float(rho), adaptive=bool(adaptive), num_draws=num_draws,
                  seed=seed)
@@ -243,7 +243,7 @@ def average_sharpness(loss_fn: LossFn, params, batches: Sequence[Any], rho: floa
 def _pacbayes(metric_fn, params, groups, key, target, tolerance, sigma_max, magnitude_eps,
               magnitude_aware, search_depth, num_samples):
   def metric(p):
-    return _tree.batch_mean(lambda batch, index: metric_fn(p, batch), groups)
+    return batching.batch_mean(lambda batch, index: metric_fn(p, batch), groups)
 
   clean = metric(params)
   sample_keys = jax.random.split(key, num_samples)
@@ -303,12 +303,12 @@ def pacbayes_flatness(loss_fn: LossFn, params, batches: Sequence[Any], *,
   """
   for name, value in (("target", target), ("sigma_max", sigma_max), ("tolerance", tolerance),
                       ("magnitude_eps", magnitude_eps)):
-    _tree.check_nonnegative(name, value)
-  _tree.check_positive_int("search_depth", search_depth)
-  _tree.check_positive_int("num_samples", num_samples)
-  groups = _tree.group_batches(batches)
-  key, seed = _tree.make_key(key)
-  out = _pacbayes(_tree.as_loss_pytree(loss_fn if metric_fn is None else metric_fn), params,
+    checks.non_negative(name, value)
+  checks.integer("search_depth", search_depth, 1)
+  checks.integer("num_samples", num_samples, 1)
+  groups = batching.group_batches(batches)
+  key, seed = batching.make_key(key)
+  out = _pacbayes(batching.as_loss_pytree(loss_fn if metric_fn is None else metric_fn), params,
                   groups, key, target, tolerance, sigma_max, magnitude_eps,
                   magnitude_aware=bool(magnitude_aware), search_depth=search_depth,
                   num_samples=num_samples)

@@ -7,6 +7,7 @@ is called as ``model.apply(variables, x, train=...)`` and builds its Dense and C
 
 import dataclasses
 
+from nonuniform_jax import checks
 from nonuniform_jax.models import (cnn, densenet, mlp, preact_resnet, pyramidnet, resnet, vgg, vit,
                                    wide_resnet)
 
@@ -50,8 +51,7 @@ def model_kwargs(name: str) -> list[str]:
 
 
 def _lookup(name):
-  if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+  checks.choice("model", name, sorted(MODELS))
   return MODELS[name]
 
 
@@ -71,8 +71,8 @@ def check_model(name: str, **kwargs) -> None:
       raise ValueError(f"model {name!r} has no argument {key!r}; its arguments are {known}")
     if any(v < 1 for v in _integers(value)):
       raise ValueError(f"model {name!r}: {key}={value!r} must hold sizes >= 1")
-    if "dropout" in key and not (isinstance(value, (int, float)) and 0 <= value < 1):
-      raise ValueError(f"model {name!r}: {key}={value!r} must be in [0, 1)")
+    if "dropout" in key:
+      checks.in_range(f"model {name!r}: {key}", value, 0, 1, high_open=True)
 
 
 def get_model(name: str, num_classes: int, **kwargs):

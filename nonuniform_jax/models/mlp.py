@@ -10,6 +10,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from nonuniform_jax import checks
 from nonuniform_jax.models.layers import Dense
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": jnp.tanh, "elu": nn.elu,
@@ -17,8 +18,7 @@ ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": jnp.tanh, "elu": nn.elu
 
 
 def get_activation(name: str):
-  if name not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+  checks.choice("activation", name, sorted(ACTIVATIONS))
   return ACTIVATIONS[name]
 
 

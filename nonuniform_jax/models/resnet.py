@@ -21,6 +21,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
+from nonuniform_jax import checks
 from nonuniform_jax.models.common import batch_norm, conv, global_avg_pool, pad_channels
 from nonuniform_jax.models.layers import Dense
 
@@ -77,8 +78,7 @@ class CifarResNet(nn.Module):
   def __post_init__(self):
     if self.depth < 8 or (self.depth - 2) % 6:
       raise ValueError(f"CIFAR ResNet depth {self.depth} is not 6n+2 (20, 32, 44, 56, 110, ...)")
-    if self.shortcut not in SHORTCUTS:
-      raise ValueError(f"unknown shortcut {self.shortcut!r}; choose one of {SHORTCUTS}")
+    checks.choice("shortcut", self.shortcut, SHORTCUTS)
     super().__post_init__()
 
   @nn.compact

@@ -25,6 +25,7 @@ used for ``init``.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from nonuniform_jax import checks
 from nonuniform_jax.models.layers import Conv, Dense
 
 POOLS = ("token", "gap")
@@ -88,8 +89,7 @@ class VisionTransformer(nn.Module):
   pool: str = "token"
 
   def __post_init__(self):
-    if self.pool not in POOLS:
-      raise ValueError(f"unknown ViT pool {self.pool!r}; choose one of {POOLS}")
+    checks.choice("ViT pool", self.pool, POOLS)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"ViT hidden_size {self.hidden_size} is not divisible by num_heads "
                        f"{self.num_heads}")

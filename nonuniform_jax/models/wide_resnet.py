@@ -10,6 +10,7 @@ CIFAR; 0 by default) draws from the ``'dropout'`` rng collection in training mod
 
 import flax.linen as nn
 
+from nonuniform_jax import checks
 from nonuniform_jax.models.common import batch_norm, conv, global_avg_pool
 from nonuniform_jax.models.layers import Dense
 from nonuniform_jax.models.preact_resnet import PreActBlock
@@ -25,10 +26,8 @@ class WideResNet(nn.Module):
   def __post_init__(self):
     if self.depth < 10 or (self.depth - 4) % 6:
       raise ValueError(f"WideResNet depth {self.depth} is not 6n+4 (10, 16, 22, 28, 40, ...)")
-    if self.widen_factor < 1:
-      raise ValueError(f"WideResNet widen_factor {self.widen_factor} must be a positive integer")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"WideResNet dropout_rate {self.dropout_rate} must lie in [0, 1)")
+    checks.integer("WideResNet widen_factor", self.widen_factor, 1)
+    checks.in_range("WideResNet dropout_rate", self.dropout_rate, 0, 1, high_open=True)
     super().__post_init__()
 
   @nn.compact

@@ -14,11 +14,6 @@ SCHEDULES = ("constant", "cosine", "step", "linear")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 
 
-def _check(kind: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f"unknown {kind} {value!r}; choose one of {list(choices)}")
-
-
 def learning_rate_schedule(name: str, peak: float, total_steps: int, *, warmup_steps: int = 0,
                            step_boundaries: Sequence[float] = (0.5, 0.75),
                            step_factor: float = 0.1, end_factor: float = 0.0) -> optax.Schedule:
@@ -29,9 +24,8 @@ def learning_rate_schedule(name: str, peak: float, total_steps: int, *, warmup_s
   * linear: linear decay from ``peak`` to ``end_factor * peak`` at ``total_steps``.
   * step: multiplied by ``step_factor`` at each fraction in ``step_boundaries`` of training.
   """
-  _check("schedule", name, SCHEDULES)
-  if not checks.traced(peak) and not peak > 0:
-    raise ValueError(f"learning_rate must be > 0, got {peak!r}")
+  checks.choice("schedule", name, SCHEDULES)
+  checks.positive("learning_rate", peak)
   decay_steps = max(total_steps - warmup_steps, 1)
   if name == "constant":
     main = optax.constant_schedule(peak)
@@ -69,10 +63,9 @@ def base_optimizer(name: str, learning_rate, *, momentum: float = 0.0, nesterov:
 
   ``grad_clip_norm > 0`` clips the incoming gradient's global norm first.
   """
-  _check("base optimizer", name, BASE_OPTIMIZERS)
-  _check("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
-  if not checks.traced(weight_decay) and weight_decay < 0:
-    raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+  checks.choice("base optimizer", name, BASE_OPTIMIZERS)
+  checks.choice("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
+  checks.non_negative("weight_decay", weight_decay)
   decoupled = weight_decay_mode == "decoupled" or name == "adamw"
   parts = []
   if grad_clip_norm > 0:

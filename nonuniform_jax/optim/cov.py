@@ -14,25 +14,21 @@ The per-example Hessian-vector products H_i (g_i − g_B) are forward-over-rever
 (``jax.jvp`` of ``jax.grad``), vmapped over the examples: one vmapped gradient pass and one
 vmapped HVP pass, no b × d Jacobian of second derivatives.
 
-Losses follow the measures' convention: ``per_example_loss_fn(params, batch) -> [b]`` losses,
-``batch`` a pytree whose leaves have a leading example axis. Each example is evaluated as a batch
-of one, so models whose output for one example depends on the others (BatchNorm in training
-mode) are not supported.
+Losses follow ``nonuniform_jax.per_example``: ``per_example_loss_fn(params, batch) -> [b]``
+losses, ``batch`` a pytree whose leaves have a leading example axis. Each example is evaluated as
+a batch of one, so models whose output for one example depends on the others (BatchNorm in
+training mode) are not supported.
 """
 
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from nonuniform_jax.optim.sam import add_trees, validate_rho
-
-PerExampleLossFn = Callable[[Any, Any], jax.Array]
-
-
-def batch_size(batch) -> int:
-  return jax.tree.leaves(batch)[0].shape[0]
+from nonuniform_jax import checks
+from nonuniform_jax.optim.sam import add_trees
+from nonuniform_jax.per_example import LossFn, example_loss, num_examples, per_example_grads
 
 
 def noise_factor(n: int, b: int) -> float:
@@ -43,20 +39,7 @@ def noise_factor(n: int, b: int) -> float:
   return (n - b) / (b * (n - 1))
 
 
-def single_example_loss(per_example_loss_fn: PerExampleLossFn):
-  """ℓ(params, example) from a batched ``per_example_loss_fn`` (the example as a batch of one)."""
-  def loss(params, example):
-    return per_example_loss_fn(params, jax.tree.map(lambda x: x[None], example))[0]
-  return loss
-
-
-def per_example_grads(per_example_loss_fn: PerExampleLossFn, params, batch):
-  """g_i = ∇ℓ_i(θ): the pytree of ``params`` with a leading example axis b."""
-  grad = jax.grad(single_example_loss(per_example_loss_fn))
-  return jax.vmap(grad, in_axes=(None, 0))(params, batch)
-
-
-def cov_penalty_grad(per_example_loss_fn: PerExampleLossFn, params, batch, n: int, lam: float,
+def cov_penalty_grad(per_example_loss_fn: LossFn, params, batch, n: int, lam: float,
                      batch_grad=None):
   """∇[(aλ/2) tr Σ_B](θ) = aλ · (1/b) Σ_i H_i (g_i − g_B), a = (n−b)/(b(n−1)) (module docstring).
 
@@ -72,9 +55,9 @@ def cov_penalty_grad(per_example_loss_fn: PerExampleLossFn, params, batch, n: in
   Returns:
     A pytree like ``params``.
   """
-  a = noise_factor(n, batch_size(batch))
-  g_i = per_example_grads(per_example_loss_fn, params, batch)
-  grad = jax.grad(single_example_loss(per_example_loss_fn))
+  a = noise_factor(n, num_examples(batch))
+  g_i = per_example_grads(None, params, batch, per_example_loss_fn)
+  grad = jax.grad(example_loss(None, per_example_loss_fn))
   if batch_grad is None:
     batch_grad = jax.tree.map(lambda g: jnp.mean(g, axis=0), g_i)
   centred = jax.tree.map(lambda g, m: g - m, g_i, batch_grad)
@@ -107,16 +90,14 @@ def cov(lam: float, n: int) -> optax.GradientTransformationExtraArgs:
     lam: λ ≥ 0, the penalty's weight (the paper's toy: 0.3).
     n: the number of training examples the minibatches are drawn from (sets a).
   """
-  validate_rho("lam", lam)
-  if not n >= 2:
-    raise ValueError(f"n must be >= 2 (the training set size), got {n!r}")
+  checks.non_negative("lam", lam)
+  checks.integer("n", n, 2)
 
   def init_fn(params):
     del params
     return COVState()
 
-  def update_fn(grads, state, params=None, *, per_example_loss_fn: PerExampleLossFn, batch,
-                **extra):
+  def update_fn(grads, state, params=None, *, per_example_loss_fn: LossFn, batch, **extra):
     del extra
     if params is None:
       raise ValueError("cov needs params: call tx.update(grads, state, params, "

@@ -16,7 +16,6 @@ decomposition. Memory is about b·d + min(b, d)·d floats, hence the parameter l
 ``max_params``.
 """
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -24,14 +23,11 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from nonuniform_jax.optim.sam import add_trees, validate_rho
+from nonuniform_jax import checks
+from nonuniform_jax.optim.sam import add_trees
+from nonuniform_jax.pytree import parameter_count
 
 GradFn = Callable[[Any], Any]
-
-
-def parameter_count(params) -> int:
-  """Number of scalars in a pytree (from shapes only: no computation, no host sync)."""
-  return sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(params))
 
 
 def check_size(params, max_params: int) -> None:
@@ -110,11 +106,9 @@ def sam_gcm(rho: float, xi: float, *, max_params: int = 1_000_000,
       ``update`` is traced, before anything is compiled.
     eps: guards the normalisation.
   """
-  validate_rho("rho", rho)
-  if not xi > 0:
-    raise ValueError(f"xi must be > 0, got {xi!r}")
-  if not max_params > 0:
-    raise ValueError(f"max_params must be > 0, got {max_params!r}")
+  checks.non_negative("rho", rho)
+  checks.positive("xi", xi)
+  checks.positive("max_params", max_params)
 
   def init_fn(params):
     check_size(params, max_params)

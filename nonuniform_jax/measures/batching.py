@@ -7,7 +7,8 @@ stacked along a new leading axis and visited by one ``lax.scan`` (memory of one 
 compiled body per group); a batch alone in its group is passed as it is. Random measures draw
 batch b's randomness from ``fold_in(key, b)``, so results do not depend on the grouping.
 
-Pytree arithmetic comes from ``optax.tree_utils``; the global norm is ``optim.sam.global_norm``.
+Pytree arithmetic comes from ``optax.tree_utils`` and ``nonuniform_jax.pytree``; per-example
+losses, gradients and chunks from ``nonuniform_jax.per_example``.
 """
 
 from collections.abc import Mapping
@@ -21,14 +22,7 @@ from jax.tree_util import Partial
 
 import optax.tree_utils as otu
 
-
-def num_examples(batch) -> int:
-  """The size of the leading (example) axis shared by every leaf of ``batch``."""
-  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
-  if len(sizes) != 1 or None in sizes or 0 in sizes:
-    raise ValueError(f"batch leaves must share one non-empty leading example axis, got sizes "
-                     f"{sizes}")
-  return sizes.pop()
+from nonuniform_jax.per_example import num_examples
 
 
 def group_batches(batches) -> tuple:
@@ -73,6 +67,40 @@ def total_examples(groups) -> int:
   return sum(size * count for size, count in (_group_sizes(b, i) for b, i in groups))
 
 
+def num_batches(groups) -> int:
+  """K, the number of batches in ``groups``."""
+  return sum(_group_sizes(b, i)[1] for b, i in groups)
+
+
+def ungroup(groups):
+  """The batches of ``groups`` one by one, in group order (a stacked group is sliced)."""
+  for batch, index in groups:
+    if np.ndim(index) == 0:
+      yield batch
+    else:
+      for i in range(np.shape(index)[0]):
+        yield jax.tree.map(lambda x, i=i: x[i], batch)
+
+
+def union(groups):
+  """The union of the batches in ``groups`` as one batch: groups in order, the batches of a
+  stacked group in their original order."""
+  parts = [batch if np.ndim(index) == 0
+           else jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
+           for batch, index in groups]
+  return jax.tree.map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *parts)
+
+
+def fold_batches(fn, carry, groups):
+  """carry ← fn(carry, batch) over every batch in ``groups`` (stacked groups in a scan)."""
+  for batch, index in groups:
+    if np.ndim(index) == 0:
+      carry = fn(carry, batch)
+    else:
+      carry = lax.scan(lambda c, b: (fn(c, b), None), carry, batch)[0]
+  return carry
+
+
 def batch_mean(fn: Callable[[Any, jax.Array], Any], groups):
   """Σ_b (n_b / n) · fn(B_b, b): the size-weighted mean of a pytree-valued ``fn(batch, index)``
   over the batches in ``groups`` (from ``group_batches``). Traceable; stacked groups run in a
@@ -96,14 +124,15 @@ def batch_mean(fn: Callable[[Any, jax.Array], Any], groups):
   return total
 
 
-def as_loss_pytree(fn) -> Partial:
+def as_loss_pytree(fn) -> Partial | None:
   """``fn`` as a pytree-valued callable, so it can be an ordinary argument of a jitted function.
 
-  A plain function becomes ``Partial(fn)`` (compilations are then cached on ``fn``'s identity).
-  Pass ``jax.tree_util.Partial(f, state)`` (called as ``f(state, params, batch)``) to close over
-  arrays such as BatchNorm statistics without recompiling when they change: they are traced.
+  A plain function becomes ``Partial(fn)`` (compilations are then cached on ``fn``'s identity);
+  None (an optional function not given) stays None. Pass ``jax.tree_util.Partial(f, state)``
+  (called as ``f(state, params, batch)``) to close over arrays such as BatchNorm statistics
+  without recompiling when they change: they are traced.
   """
-  return fn if isinstance(fn, Partial) else Partial(fn)
+  return fn if fn is None or isinstance(fn, Partial) else Partial(fn)
 
 
 def make_key(key) -> tuple[jax.Array, Any]:
@@ -113,18 +142,3 @@ def make_key(key) -> tuple[jax.Array, Any]:
   if isinstance(key, (int, np.integer)):
     return jax.random.key(int(key)), int(key)
   return key, np.asarray(jax.random.key_data(key)).tolist()
-
-
-def check_positive_int(name: str, value) -> None:
-  if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
-    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def check_nonnegative(name: str, value) -> None:
-  if not (isinstance(value, (int, float, np.number)) and value >= 0):  # also rejects NaN
-    raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-
-
-def check_choice(name: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
