@@ -27,18 +27,23 @@ separate run's within float32 rounding: vmapped products may sum in another orde
 setting enters float32 arithmetic where the separate run folds a Python constant (1 − α).
 timing.jsonl holds the population's time per step, every member's together.
 
-Evaluation runs over the population the same way (``Objective.eval_sums`` vmapped). The
+Evaluation runs over the population the same way (``Objective.eval_sums`` vmapped; members
+without label noise get the noisy members' fields, all clean, and report none of them). The
 measures run member by member (``evaluators.run``, each on its member's subset): every measure
-returns host numbers, its jitted kernel private to its module, and compiles once per
-population because every member's measure functions are the first member's (they take the
-BatchNorm statistics as an argument and use plain cross-entropy).
+returns host numbers, its jitted kernel is private to its module, and vmapped those kernels ran
+no faster on a 2-core CPU. They compile once per network and process: every member of every
+population of one network uses the same measure functions (plain cross-entropy in float32,
+the BatchNorm statistics an argument).
 
-What must match (``shape_key``): everything else in the config, and whether momentum, weight
-decay and label smoothing are on at all (on, each adds a transformation, a state or a term).
-Not in ``POPULATION_KEYS``: a dropout rate (the models hold it as a static module attribute on
-which Flax's Dropout branches in Python; tracing it would need every dropout model to take it
-as an input). Refused: several processes or devices (``parallel.num_devices=1``), streamed data,
-augmentation (drawn on the host per batch; ``augment=False`` trains CIFAR without it).
+What must match (``shape_key``): everything else in the config, and whether momentum and
+weight decay are on at all (on, each adds a transformation and its state to the chain; label
+smoothing and an L2 term of 0 compute exactly what their absence does, so they are traced
+whatever their value). Not in ``POPULATION_KEYS``: a dropout rate (the models hold it as a
+static module attribute on which Flax's Dropout branches in Python; tracing it would need every
+dropout model to take it as an input). Trained ``alone`` (a population of one, by
+``train.train``): runs on several devices or processes, on streamed data, with augmentation
+(drawn on the host batch by batch; ``augment=False`` trains CIFAR without it), or with a seed
+beyond int32.
 
 Resuming: a member that completed or diverged is not retrained (its summary is returned); every
 other member resumes from its own newest intact checkpoint. The population runs from the
@@ -54,6 +59,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import time
@@ -71,11 +77,13 @@ from nonuniform_jax.objective import Objective
 POPULATION_KEYS = ("seed", "data_seed", "optimizer.learning_rate", "optimizer.momentum",
                    "optimizer.weight_decay", "optimizer.b1", "optimizer.b2", "sam.rho",
                    "sam.eta", "csam.rho1", "csam.rho2", "csam.alpha", "label_smoothing",
-                   "label_noise.rate")
-# Whether these are zero decides what the program computes: part of the shape key.
-SWITCHES = ("optimizer.momentum", "optimizer.weight_decay", "label_smoothing")
+                   "label_noise.kind", "label_noise.rate")
+# Whether these are zero decides the optimizer's state (a transformation more or less in its
+# chain): part of the shape key. (Label smoothing and an L2 term of 0 compute exactly what their
+# absence does, so they are traced whatever their value.)
+SWITCHES = ("optimizer.momentum", "optimizer.weight_decay")
 # These choose the data only (read on the host): never traced.
-DATA_KEYS = ("data_seed", "label_noise.rate")
+DATA_KEYS = ("data_seed", "label_noise.kind", "label_noise.rate")
 
 
 def _setting(config: dict, dotted: str):
@@ -84,14 +92,34 @@ def _setting(config: dict, dotted: str):
   return config
 
 
+def alone(plan: plan_lib.Plan) -> str | None:
+  """Why the run of ``plan`` cannot share a vmapped program, or None. Such a run is a
+  population of one (``shape_key``), which ``train_population`` trains by ``train.train``."""
+  flat = wd.flatten(plan.config)
+  dataset, seed = flat.get("dataset"), flat.get("seed", 0)
+  devices = flat.get("parallel.num_devices") or jax.device_count()
+  if dataset in datasets.TFDS_STREAMING:
+    return f"{dataset!r} is streamed"
+  if flat.get("augment") and dataset in datasets.AUGMENTED:
+    return f"{dataset!r} is augmented on the host, batch by batch"
+  if devices > 1 or jax.process_count() > 1:
+    return f"it runs on {devices} devices in {jax.process_count()} processes"
+  if not 0 <= seed < 2**31:
+    return f"its seed {seed} is not an int32"
+  return None
+
+
 def shape_key(plan: plan_lib.Plan) -> str:
   """A digest equal for plans that can train together: of the config without
   ``POPULATION_KEYS`` and the presentation settings (``workdir.PRESENTATION_KEYS``), with
-  whether each of ``SWITCHES`` is on."""
+  whether each of ``SWITCHES`` is on; of the whole config for a run that trains ``alone``."""
   flat = wd.flatten(plan.config)
-  kept = {k: v for k, v in flat.items()
-          if k not in POPULATION_KEYS and k not in wd.PRESENTATION_KEYS}
-  kept.update({f"{k} > 0": bool(flat[k] > 0) for k in SWITCHES})
+  if alone(plan):
+    kept = {"alone": flat}
+  else:
+    kept = {k: v for k, v in flat.items()
+            if k not in POPULATION_KEYS and k not in wd.PRESENTATION_KEYS}
+    kept.update({f"{k} > 0": bool((flat.get(k) or 0) > 0) for k in SWITCHES})
   text = json.dumps(kept, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -115,22 +143,8 @@ def _check(plans: list, workdirs: list) -> None:
       raise ValueError(f"the member for {workdir!r} cannot train with the first: they differ "
                        f"in {', '.join(diffs[:5])}; only {', '.join(POPULATION_KEYS)} may "
                        "differ within a population (population.shape_key groups them)")
-  plan = plans[0]
-  d = plan.data
-  if d.dataset in datasets.TFDS_STREAMING or (d.augment and d.dataset in datasets.AUGMENTED):
-    raise ValueError(f"a population trains on in-memory data without augmentation, not "
-                     f"{d.dataset!r} with augment={d.augment} (streamed or augmented on the host "
-                     "batch by batch); set augment=False or train its members one by one")
-  if plan.devices.num_processes > 1 or plan.devices.num_devices > 1:
-    raise ValueError(f"a population trains on one device of one process, got "
-                     f"{plan.devices.num_devices} devices in {plan.devices.num_processes} "
-                     "processes; set parallel.num_devices=1")
   for workdir in workdirs:
     wd.check_writable(workdir)
-  for p in plans:
-    if not 0 <= p.seed < 2**31:
-      raise ValueError(f"seed {p.seed} of a population member must be in [0, 2**31) (an int32 "
-                       "on the device)")
 
 
 class _Member:
@@ -178,10 +192,10 @@ def _select(live, new, old):
 class _Program:
   """The population's compiled functions, built from its first member (the others differ only
   in the traced values): initialisation, a stretch of steps, evaluation, and the objective
-  whose measure functions every member's measures use."""
+  whose measure functions every member's measures use (``_measure_objective``)."""
 
   def __init__(self, plan: plan_lib.Plan, run: train.Run):
-    self.objective = run.objective
+    self.objective = _measure_objective(plan, run)
     model = run.objective.model
     x = train.example_input(run.datasets)
     in_loss = plan.optimizer.weight_decay_in_loss
@@ -228,31 +242,47 @@ class _Program:
     self.eval_own = jax.jit(jax.vmap(run.objective.eval_sums))
 
 
-# The programs of the last few shapes: a later population of the same shape (a sweep's members
-# beyond one population) reuses their compilations, and its members' measures too.
+# Compilations kept for the populations that follow in this process: the programs of the last
+# few shapes (a sweep's members beyond one population), and one objective per network for the
+# measures, whose compilations depend on the network alone (a sweep's populations of one
+# network but other optimizers, batches or weight decays reuse them).
 _PROGRAMS: "collections.OrderedDict[str, _Program]" = collections.OrderedDict()
-PROGRAMS_KEPT = 4
+_MEASURE_OBJECTIVES: "collections.OrderedDict[str, Objective]" = collections.OrderedDict()
+KEPT = 8
+
+
+def _kept(cache: collections.OrderedDict, key: str, make):
+  if key not in cache:
+    cache[key] = make()
+    while len(cache) > KEPT:
+      cache.popitem(last=False)
+  cache.move_to_end(key)
+  return cache[key]
 
 
 def _program(plan: plan_lib.Plan, run: train.Run) -> _Program:
-  key = shape_key(plan)
-  if key not in _PROGRAMS:
-    _PROGRAMS[key] = _Program(plan, run)
-    while len(_PROGRAMS) > PROGRAMS_KEPT:
-      _PROGRAMS.popitem(last=False)
-  _PROGRAMS.move_to_end(key)
-  return _PROGRAMS[key]
+  return _kept(_PROGRAMS, shape_key(plan), lambda: _Program(plan, run))
+
+
+def _measure_objective(plan: plan_lib.Plan, run: train.Run) -> Objective:
+  """The objective whose measure functions (plain cross-entropy, float32: the training
+  settings do not enter them) the members of every population of this network use."""
+  key = json.dumps([plan.model.name, plan.model.kwargs, plan.data.input_shape,
+                    plan.data.num_classes], default=str)
+  return _kept(_MEASURE_OBJECTIVES, key, lambda: Objective(run.objective.model))
 
 
 class _Data(NamedTuple):
   """The members' data on the device: ``tables`` (the distinct preprocessed training sets
   [U, n, ...], each member's one [members], each member's labels [members, n]), the test
-  batches (shared), the training-subset batches stacked over members, and each member's
-  measured subset (host arrays, ``evaluators.subset_batches``)."""
+  batches (shared), the training-subset batches stacked over members, each member's measured
+  subset (host arrays, ``evaluators.subset_batches``) and whether it trains without label noise
+  (its training-subset batches were given the fields of the noisy members', all clean)."""
   tables: tuple
   test: list
   train_eval: list
   measured: list
+  clean: list
 
 
 def _data(members: list) -> _Data:
@@ -270,14 +300,22 @@ def _data(members: list) -> _Data:
   tables = (inputs, jnp.asarray(which, jnp.int32), labels)
   batch = plan.devices.eval_batch
   test = [jax.device_put(b) for b in members[0].run.datasets.test.eval_batches(batch)]
-  per_member = [list(m.run.datasets.train_eval.eval_batches(batch)) for m in members]
+  clean = [m.plan.data.label_noise == "none" for m in members]
+  per_member = [[_with_noise_fields(b) if c and not all(clean) else b
+                 for b in m.run.datasets.train_eval.eval_batches(batch)]
+                for m, c in zip(members, clean)]
   train_eval = [jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *batches))
                 for batches in zip(*per_member)]
   measures = plan.measures
   measured = ([evaluators.subset_batches(m.run.datasets.train_eval, measures.num_examples,
                                          measures.batch_size) for m in members]
               if measures.items else [None] * len(members))
-  return _Data(tables, test, train_eval, measured)
+  return _Data(tables, test, train_eval, measured, clean)
+
+
+def _with_noise_fields(batch: dict) -> dict:
+  """A clean training-subset batch with the fields of a noisy one: nothing flipped."""
+  return {**batch, "noisy": np.zeros_like(batch["mask"]), "clean_labels": batch["labels"]}
 
 
 def _member_state(states, k: int):
@@ -299,9 +337,10 @@ def _evaluate(program: _Program, states, d: _Data) -> list[dict]:
     return jax.device_get(totals)
 
   test, own = total(program.eval_shared, d.test), total(program.eval_own, d.train_eval)
-  count = len(next(iter(test.values())))
   return [train.evaluation({k: v[i] for k, v in test.items()},
-                           {k: v[i] for k, v in own.items()}) for i in range(count)]
+                           {k: v[i] for k, v in own.items()
+                            if not (clean and k.startswith("noisy_"))})
+          for i, clean in enumerate(d.clean)]
 
 
 def _events(plan: plan_lib.Plan, first: int, last: int) -> list[int]:
@@ -336,6 +375,9 @@ def train_population(plans: list[plan_lib.Plan], workdirs: list[str]) -> list[di
   started = time.time()
   times = collections.Counter()
   _check(plans, workdirs)
+  if alone(plans[0]):   # trained as separate runs (``shape_key``: the same config)
+    with contextlib.redirect_stdout(io.StringIO()):   # the caller says what ran
+      return [train.train(p, w) for p, w in zip(plans, workdirs)]
   members = [_Member(p, w) for p, w in zip(plans, workdirs)]
   for m in members:
     m.summary = train.ended_run(m.plan, m.workdir, m.ckpts)
