@@ -1,26 +1,27 @@
-"""Members per hour: a population trained at once (``nonuniform_jax.population``) against the
-same members trained as separate trainer runs one after another, and against the arithmetic
-floor of the vmapped step.
+"""Members per hour: the laptop study's populations trained by ``nonuniform_jax.population``, as
+the sweep runner trains them, against some of the same members trained as separate trainer runs
+one after another, and against the arithmetic floor of the vmapped step.
 
-The members: 40-64-64-10 MLPs on MNIST-1D, SGD with momentum 0.9 and weight decay, cosine
-learning rate, batch 128, differing in seed and learning rate; each logs every 100 steps,
-evaluates every 500, saves a checkpoint every 1000 and at the end, and measures at the end
-λ_max, tr H, SAM sharpness, tr Σ (fast path) and Wu's s on 1024 training examples: a model of
-the correlation study, trained and measured. Every run writes its whole workdir.
+The members are the study's own (``configs/sweeps/laptop_study.py``: 1,500 steps, logged every
+100, evaluated and saved every 500, then the 13 measures at laptop settings on 512 examples),
+and the populations the sweep forms (``sweep.populations``): the study's first three of its
+first network (MNIST-1D MLP 40-64-64-10), 70 members:
 
-* population, first of its shape: one population in a process that has compiled nothing for
-  it (a sweep's first population of each shape);
-* population, later of its shape: a second population of other members of the same shape,
-  which reuses the first's compilations (every later population of a sweep);
-* separate runs: ``train.train`` for a few of the same members, one after another in the same
-  process (the data loaded once, imports done: the kindest case for separate runs);
-* floor: the train step alone, vmapped over the members and scanned over 100 steps on fixed
-  batches (no data, logs, evaluation, measures or checkpoints), per member-step; beside it the
-  trainer's jitted step alone, per step.
+* SGD, batch 128 (32 members): the first population of the network, which compiles the
+  measures as well as its own program;
+* SGD with weight decay (14) and SAM (24): later populations of the network, which compile
+  their own programs and reuse the measures' compilations;
+* separate runs: one member of each, by ``train.train`` one after another in the same process
+  (the data loaded once, imports done: the kindest case for separate runs), between the
+  populations, so that this shared machine's other load falls on both;
+* floor: the SGD members' train step alone, vmapped over them and scanned over 100 steps on
+  fixed batches (no data, logs, evaluation, measures or checkpoints), per member-step; beside it
+  the trainer's jitted step alone, per step.
 
-The population's own account of its time (the ``population`` entry of each summary: setup,
-initialisation, steps, evaluation, measures, logs, checkpoints; first calls include their
-compilation) goes in the notes.
+Wall time is what the goals are about; CPU time (this process's, all threads) is beside it,
+because other processes share these cores. The population's own account of its time (the
+``population`` entry of each summary: setup, initialisation, steps, evaluation, measures, logs,
+checkpoints; first calls include their compilation) and the costliest measures go in the notes.
 """
 
 import os
@@ -34,35 +35,26 @@ import numpy as np
 from jax import lax
 
 from benchmarks.common import time_fn
-from configs import default
-from nonuniform_jax import plan as plan_lib, population, train
+from nonuniform_jax import plan as plan_lib, population, sweep, sweep_config, train
 
-GOAL = 5.0          # members per hour, population against separate runs
-STUDY_GOAL = 1000   # models trained and measured in an hour on this machine
-MEASURES = ("lambda_max", "hessian_trace", "sam_sharpness", "gradient_noise",
-            "wu_nonuniformity")
-
-
-def config(seed: int, learning_rate: float, num_steps: int):
-  c = default.get_config()
-  c.seed, c.num_steps, c.progress = seed, num_steps, False
-  c.model.widths = (64, 64)
-  c.optimizer.learning_rate, c.optimizer.weight_decay = learning_rate, 5e-4
-  c.log_every, c.eval_every, c.checkpoint_every = 100, 500, 1000
-  c.measures.names = MEASURES
-  c.measures.settings.gradient_noise.method = "fast"
-  return c
+STUDY = "configs/sweeps/laptop_study.py"
+CHOSEN = (0, 4, 6)   # the study's populations 1, 5 and 7: SGD, SGD with weight decay, SAM
+GOAL = 5.0           # members per hour, populations against separate runs
+STUDY_GOAL = 1000    # models trained and measured in an hour on this machine
 
 
-def members(first_seed: int, count: int, num_steps: int) -> list:
-  rates = (0.05, 0.1, 0.2)
-  return [plan_lib.read(config(first_seed + i, rates[i % len(rates)], num_steps))
-          for i in range(count)]
+def study_populations(quick: bool) -> list[list]:
+  """The plans of the chosen populations of the laptop study (quick: 4 members of each, 100
+  steps)."""
+  overrides = ("--config.train.num_steps=100",) if quick else ()
+  sweep_spec = sweep_config.read(STUDY, overrides)
+  plans = [plan_lib.read(m.config) for m in sweep_config.expand(sweep_spec)]
+  groups = sweep.populations(plans, sweep_spec.population_cap)
+  return [[plans[i] for i in groups[j]][:4 if quick else None] for j in CHOSEN]
 
 
 class Clock:
-  """Wall and process CPU seconds of a block, and the 1-minute load average after it (this
-  machine is shared: other processes' load shows in wall time, far less in CPU time)."""
+  """Wall and process CPU seconds of a block, and the 1-minute load average after it."""
 
   def __enter__(self):
     self.wall, self.cpu = time.perf_counter(), time.process_time()
@@ -73,22 +65,10 @@ class Clock:
     self.load = os.getloadavg()[0]
 
 
-def timed_population(plans, root) -> tuple[Clock, list]:
-  with Clock() as clock:
-    summaries = population.train_population(plans, [f"{root}/{i}" for i in range(len(plans))])
-  assert all(s["status"] == "completed" for s in summaries)
-  return clock, summaries
-
-
-def timed_separate(plans, root) -> tuple[Clock, list]:
-  with Clock() as clock:
-    summaries = [train.train(p, f"{root}/{i}") for i, p in enumerate(plans)]
-  return clock, summaries
-
-
 def floor_step_time(plans, steps: int = 100) -> tuple[float, float]:
-  """(seconds per member-step of the step vmapped over ``plans`` and scanned over ``steps``
-  fixed batches, seconds per step of the trainer's jitted step alone)."""
+  """(seconds per member-step of the step vmapped over ``plans`` (differing in seed and learning
+  rate) and scanned over ``steps`` fixed batches, seconds per step of the trainer's jitted step
+  alone)."""
   plan = plans[0]
   run = train.build(plan)
   rates = jnp.asarray([p.optimizer.settings["optimizer"]["learning_rate"] for p in plans])
@@ -140,70 +120,80 @@ def perturbed_spread(plan) -> float:
 
 
 def run(quick: bool) -> list[dict]:
-  count, num_steps, separate = (8, 300, 2) if quick else (32, 3000, 4)
+  pops = study_populations(quick)
   root = tempfile.mkdtemp(prefix="bench_population_")
-  later = members(count, count, num_steps)
-  half = separate // 2
+  clocks, summaries, alone, alone_summaries = [], [], [], []
+
+  def population_run(j):
+    with Clock() as clock:
+      summaries.append(population.train_population(
+          pops[j], [f"{root}/population{j}/{i}" for i in range(len(pops[j]))]))
+    assert all(s["status"] == "completed" for s in summaries[-1])
+    clocks.append(clock)
+
+  def separate_run(j):
+    with Clock() as clock:
+      alone_summaries.append(train.train(pops[j][1], f"{root}/separate{j}"))
+    alone.append(clock)
+
   try:
-    # Separate runs between the populations, so that other processes' load falls on both.
-    cold, cold_summaries = timed_population(members(0, count, num_steps), f"{root}/cold")
-    first, first_summaries = timed_separate(later[:half], f"{root}/separate_a")
-    warm, warm_summaries = timed_population(later, f"{root}/warm")
-    second, second_summaries = timed_separate(later[half:separate], f"{root}/separate_b")
+    population_run(0)
+    separate_run(0)
+    population_run(1)
+    population_run(2)
+    separate_run(1)
+    separate_run(2)
   finally:
     shutil.rmtree(root, ignore_errors=True)
-  per_member_step, step_alone = floor_step_time(members(0, count, num_steps))
-  spread = max(perturbed_spread(p) for p in later[:2])
+  per_member_step, step_alone = floor_step_time(pops[0])
+  spread = perturbed_spread(pops[0][1])
 
-  alone_wall = (first.wall + second.wall) / separate
-  alone_cpu = (first.cpu + second.cpu) / separate
-  # The separate runs are of the later population's first members: how far apart they end.
-  gaps = [max(abs(a["final"][k] - b["final"][k]) for k in ("test_accuracy", "test_loss"))
-          for a, b in zip(warm_summaries, first_summaries + second_summaries)]
-  per_measure = {name: np.mean([s["measures"][name]["seconds"] for s in warm_summaries])
-                 for name in MEASURES}
-  iterations = {name: max(s["measures"][name]["iterations"] for s in warm_summaries)
-                for name in ("lambda_max", "wu_nonuniformity")}
-  what = (f"{count} members, 40-64-64-10 MLP, MNIST-1D, SGD, {num_steps} steps of batch 128, "
-          f"5 measures at the end")
-  row = {"benchmark": "population trainer", "unit": "members/hour"}
-  floor = 3600 / (per_member_step * num_steps)
+  sizes = [len(p) for p in pops]
+  total, later = sum(sizes), sum(sizes[1:])
+  wall, cpu = sum(c.wall for c in clocks), sum(c.cpu for c in clocks)
+  later_wall = sum(c.wall for c in clocks[1:])
+  alone_wall = sum(c.wall for c in alone) / len(alone)
+  alone_cpu = sum(c.cpu for c in alone) / len(alone)
+  gaps = [max(abs(s[1]["final"][k] - a["final"][k]) for k in ("test_accuracy", "test_loss"))
+          for s, a in zip(summaries, alone_summaries)]
+  measured = [s["measures"] for pop in summaries for s in pop]
+  per_measure = sorted(((np.mean([m[name]["seconds"] for m in measured]), name)
+                        for name in measured[0]), reverse=True)
+  steps = pops[0][0].num_steps
+  floor = 3600 / (per_member_step * steps)
+  rate = 3600 * total / wall
+  loads = ", ".join(f"{c.load:.1f}" for c in clocks + alone)
 
-  def account(summaries):
-    return ", ".join(f"{k} {v:.1f} s"
-                     for k, v in summaries[0]["population"]["seconds"].items())
+  def account(j):
+    seconds = summaries[j][0]["population"]["seconds"]
+    return ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
 
-  def times(clock, n):
-    return (f"{clock.wall:.1f} s ({3600 * n / clock.cpu:.0f} members per CPU-hour, load "
-            f"{clock.load:.1f})")
-
+  row = {"benchmark": "population trainer, laptop study", "unit": "members/hour"}
   return [
-      {**row, "case": "population, first of its shape", "value": 3600 * count / cold.wall,
-       "goal": "", "ok": None,
-       "note": f"{what}: {times(cold, count)}: {account(cold_summaries)}"},
-      {**row, "case": "population, later of its shape", "value": 3600 * count / warm.wall,
-       "goal": f">= {STUDY_GOAL}", "ok": 3600 * count / warm.wall >= STUDY_GOAL,
-       "note": f"{times(warm, count)}: {account(warm_summaries)}; measures per member: "
-               + ", ".join(f"{k} {v:.2f} s" for k, v in per_measure.items())
-               + "; most iterations: "
-               + ", ".join(f"{k} {v}" for k, v in iterations.items())},
+      {**row, "case": f"3 populations ({'+'.join(map(str, sizes))} members) as the sweep "
+                      "trains them", "value": rate, "goal": f">= {STUDY_GOAL}",
+       "ok": rate >= STUDY_GOAL,
+       "note": f"{wall:.0f} s ({3600 * total / cpu:.0f} members per CPU-hour); the study's "
+               f"1,088 members at this rate: {1088 / rate:.1f} h"},
+      {**row, "case": "first population of the network (SGD)", "value": 3600 * sizes[0]
+       / clocks[0].wall, "goal": "", "ok": None,
+       "note": f"{clocks[0].wall:.0f} s, compiling the measures too; seconds: {account(0)}"},
+      {**row, "case": "later populations of the network (SGD + weight decay, SAM)",
+       "value": 3600 * later / later_wall, "goal": "", "ok": None,
+       "note": f"{later_wall:.0f} s; seconds, SAM: {account(2)}; measures per member: "
+               + ", ".join(f"{name} {t:.2f} s" for t, name in per_measure[:5])
+               + f", the other {len(per_measure) - 5} {sum(t for t, _ in per_measure[5:]):.2f} s"},
       {**row, "case": "separate trainer runs, one after another", "value": 3600 / alone_wall,
        "goal": "", "ok": None,
-       "note": f"{separate} of the later population's members, {alone_wall:.1f} s each "
-               f"({3600 / alone_cpu:.0f} per CPU-hour; load {first.load:.1f}, "
-               f"{second.load:.1f}); their final test loss and accuracy within "
-               f"{max(gaps):.2g} of the population's, where 1e-7 relative noise on a separate "
-               f"run's initial weights moves them by up to {spread:.2g}"},
-      {**row, "case": "population (later) / separate runs", "unit": "x",
-       "value": alone_wall * count / warm.wall, "goal": f">= {GOAL:g}",
-       "ok": alone_wall * count / warm.wall >= GOAL,
-       "note": f"in CPU time {alone_cpu * count / warm.cpu:.2f}x; first of its shape "
-               f"{alone_wall * count / cold.wall:.2f}x"},
-      {**row, "case": "floor: the vmapped step alone", "value": floor, "goal": "", "ok": None,
-       "note": f"{1e3 * per_member_step:.3f} ms per member-step ({count} members, 100 steps "
-               f"scanned); the trainer's step alone {1e3 * step_alone:.3f} ms per step, "
-               f"{step_alone / per_member_step:.2f}x"},
-      {**row, "case": "population (later) / floor", "unit": "x",
-       "value": count * 3600 / warm.wall / floor, "goal": "", "ok": None,
-       "note": "the fraction of the arithmetic floor the population reaches"},
+       "note": f"one member of each population, {alone_wall:.1f} s each ({3600 / alone_cpu:.0f} "
+               f"per CPU-hour); final test loss and accuracy within {max(gaps):.2g} of their "
+               f"populations', where 1e-7 relative noise on a separate run's initial weights "
+               f"moves them by {spread:.2g}"},
+      {**row, "case": "populations / separate runs", "unit": "x", "value": rate * alone_wall
+       / 3600, "goal": f">= {GOAL:g}", "ok": rate * alone_wall / 3600 >= GOAL,
+       "note": f"in CPU time {alone_cpu * total / cpu:.2f}x; load averages {loads}"},
+      {**row, "case": "floor: the vmapped SGD step alone", "value": floor, "goal": "", "ok": None,
+       "note": f"{1e3 * per_member_step:.3f} ms per member-step ({sizes[0]} members, 100 steps "
+               f"scanned; {steps} steps a member); the trainer's step alone "
+               f"{1e3 * step_alone:.3f} ms, {step_alone / per_member_step:.2f}x"},
   ]
