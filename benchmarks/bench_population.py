@@ -146,7 +146,7 @@ def run(quick: bool) -> list[dict]:
   finally:
     shutil.rmtree(root, ignore_errors=True)
   per_member_step, step_alone = floor_step_time(pops[0])
-  spread = perturbed_spread(pops[0][1])
+  spreads = [perturbed_spread(p[1]) for p in pops]
 
   sizes = [len(p) for p in pops]
   total, later = sum(sizes), sum(sizes[1:])
@@ -186,9 +186,10 @@ def run(quick: bool) -> list[dict]:
       {**row, "case": "separate trainer runs, one after another", "value": 3600 / alone_wall,
        "goal": "", "ok": None,
        "note": f"one member of each population, {alone_wall:.1f} s each ({3600 / alone_cpu:.0f} "
-               f"per CPU-hour); final test loss and accuracy within {max(gaps):.2g} of their "
-               f"populations', where 1e-7 relative noise on a separate run's initial weights "
-               f"moves them by {spread:.2g}"},
+               f"per CPU-hour); final test loss and accuracy within "
+               f"{', '.join(f'{g:.2g}' for g in gaps)} of their populations', where 1e-7 "
+               f"relative noise on the separate runs' initial weights moves them by "
+               f"{', '.join(f'{x:.2g}' for x in spreads)}"},
       {**row, "case": "populations / separate runs", "unit": "x", "value": rate * alone_wall
        / 3600, "goal": f">= {GOAL:g}", "ok": rate * alone_wall / 3600 >= GOAL,
        "note": f"in CPU time {alone_cpu * total / cpu:.2f}x; load averages {loads}"},
