@@ -9,9 +9,18 @@ import math
 import numbers
 from typing import Any, Iterable, Sequence
 
+import jax
+
 
 def _is_number(value) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def traced(value) -> bool:
+  """Whether ``value`` is a JAX tracer: a setting that varies across a vmapped population
+  (``population.py``). The number checks below pass it: its members' values were checked,
+  concretely, when their plans were read."""
+  return isinstance(value, jax.core.Tracer)
 
 
 def choice(kind: str, value, choices: Sequence) -> None:
@@ -29,13 +38,13 @@ def choices(kind: str, values: Sequence, valid: Sequence) -> None:
 
 def positive(name: str, value) -> None:
   """A finite number > 0."""
-  if not (_is_number(value) and math.isfinite(value) and value > 0):
+  if not traced(value) and not (_is_number(value) and math.isfinite(value) and value > 0):
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def non_negative(name: str, value) -> None:
   """A finite number >= 0."""
-  if not (_is_number(value) and math.isfinite(value) and value >= 0):
+  if not traced(value) and not (_is_number(value) and math.isfinite(value) and value >= 0):
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -48,6 +57,8 @@ def integer(name: str, value, minimum: int = 0) -> None:
 
 def in_range(name: str, value, low: float, high: float, *, high_open: bool = False) -> None:
   """A number in [low, high] (or [low, high) with ``high_open``)."""
+  if traced(value):
+    return
   if not (_is_number(value) and low <= value
           and (value < high if high_open else value <= high)):
     bound = ")" if high_open else "]"

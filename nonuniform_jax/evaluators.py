@@ -152,8 +152,11 @@ def run(names: Sequence[str], settings: dict, objective: Objective, params, batc
   if not isinstance(objective, Objective):
     objective = Objective(objective)
   available = objective.measure_functions(batch_stats, bn_mode)
-  # The measures call perturbations_fn(batch); its parameters are traced arguments too.
-  available["perturbations_fn"] = Partial(available["perturbations_fn"], params)
+  # The measures call perturbations_fn(batch); its parameters are traced arguments too. One
+  # flat Partial: a Partial of a Partial compares by identity, so the measures would recompile
+  # at every call.
+  perturbations = available["perturbations_fn"]
+  available["perturbations_fn"] = Partial(perturbations.func, *perturbations.args, params)
   available["num_classes"] = num_classes
   results = {}
   for name in names:

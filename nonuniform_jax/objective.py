@@ -37,7 +37,7 @@ PRECISIONS = ("float32", "bfloat16")
 def cross_entropy(logits, labels, label_smoothing: float = 0.0) -> jax.Array:
   """Cross-entropy of each example, [b], in float32, with optional label smoothing."""
   one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-  if label_smoothing > 0:
+  if checks.traced(label_smoothing) or label_smoothing > 0:   # traced: a population's
     one_hot = optax.smooth_labels(one_hot, label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), one_hot)
 
@@ -86,7 +86,8 @@ class Objective:
                         if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
   def _penalised(self, losses, params):
-    return losses + self.l2 * l2_penalty(params) if self.l2 > 0 else losses
+    on = checks.traced(self.l2) or self.l2 > 0   # traced: a population's
+    return losses + self.l2 * l2_penalty(params) if on else losses
 
   def train_loss(self, params, batch_stats, batch, rng) -> tuple[jax.Array, tuple[Any, Any]]:
     """``(mean loss, (logits, new batch_stats))`` of a training batch; ``rng`` draws dropout."""

@@ -9,6 +9,7 @@ files and the lock).
 """
 
 import contextlib
+import functools
 import importlib
 import os
 import time
@@ -71,12 +72,15 @@ class Run(NamedTuple):
   schedule: Any
   num_steps: int
   mesh: Any
-  state: steps.TrainState   # freshly initialised, placed with state_sharding
+  state: steps.TrainState   # freshly initialised, placed with state_sharding (or None)
   state_sharding: Any
+  context: family.Context   # what the optimizer knows of the run (``optimizer``)
 
 
-def build(plan: plan_lib.Plan) -> Run:
-  """Datasets, objective, optimizer and the initial train state of a plan."""
+def build(plan: plan_lib.Plan, *, initialise: bool = True) -> Run:
+  """Datasets, objective, optimizer and the initial train state of a plan. With
+  ``initialise=False`` the state is None and nothing is compiled: a population initialises its
+  members together (``population.py``)."""
   d = plan.data
   ds = data.get_datasets(
       d.dataset, seed=d.seed, batch_size=plan.batch_size, data_dir=d.data_dir,
@@ -86,22 +90,15 @@ def build(plan: plan_lib.Plan) -> Run:
       process_count=jax.process_count(), num_shards=plan.devices.num_devices)
   num_steps = plan.total_steps(ds.num_train)
   model = plan.model.build(ds.num_classes)
-  x = jnp.zeros((1,) + tuple(ds.input_shape), jnp.float32)
+  x = example_input(ds)
   kfac_layers = ("probe",)
   if "kfac_factors" in plan.optimizer.needs:
     key = jax.random.key(0)
     kfac_layers = kfac.layer_names(jax.eval_shape(lambda: layers.zero_perturbations(
         model, model.init(key, x), x, train=True, rngs={"dropout": key})))
-  s = plan.schedule
-  schedule = base.learning_rate_schedule(
-      s["name"], plan.optimizer.settings["optimizer"]["learning_rate"], num_steps,
-      warmup_steps=s["warmup_steps"], step_boundaries=s["step_boundaries"],
-      step_factor=s["step_factor"], end_factor=s["end_factor"])
-  tx = family.make(plan.optimizer.name, plan.optimizer.settings, schedule,
-                   family.Context(ds.num_train, kfac_layers, plan.devices.sam_groups > 1),
-                   plan.optimizer.weight_decay_in_loss)
+  context = family.Context(ds.num_train, kfac_layers, plan.devices.sam_groups > 1)
+  schedule, tx = optimizer(plan, num_steps, context)
   mesh = parallel.data_mesh(jax.devices()[:plan.devices.num_devices])
-
   # A published checkpoint replaces every variable but the classifier (models.pretrained); it
   # travels into the jitted initialisation as an argument, not as constants.
   loaded = None
@@ -111,22 +108,47 @@ def build(plan: plan_lib.Plan) -> Run:
         plan.model.pretrained, plan.model.name, model,
         jax.eval_shape(model.init, jax.random.key(0), x),
         (norm["mean"], norm["std"]) if {"mean", "std"} <= set(norm) else None)
-
-  def init_state(loaded):
-    variables = model.init(jax.random.key(plan.seed), x)
-    if loaded is not None:
-      variables = pretrained.merge(variables, loaded)
-    params = variables["params"]
-    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            batch_stats=variables.get("batch_stats", {}),
-                            opt_state=tx.init(params))
-
+  init_state = functools.partial(initial_state, model, tx, x, plan.seed)
   state_sharding = parallel.state_shardings(jax.eval_shape(init_state, loaded), mesh,
                                             plan.devices.fully_sharded)
-  state = jax.jit(init_state, out_shardings=state_sharding)(loaded)
+  state = jax.jit(init_state, out_shardings=state_sharding)(loaded) if initialise else None
   objective = Objective(model, label_smoothing=plan.label_smoothing, l2=plan.optimizer.l2,
                         precision=plan.precision)
-  return Run(ds, objective, tx, schedule, num_steps, mesh, state, state_sharding)
+  return Run(ds, objective, tx, schedule, num_steps, mesh, state, state_sharding, context)
+
+
+def example_input(datasets) -> jax.Array:
+  """One zero input of the data's shape: what a model is initialised on."""
+  return jnp.zeros((1,) + tuple(datasets.input_shape), jnp.float32)
+
+
+def optimizer(plan: plan_lib.Plan, num_steps: int, context: family.Context,
+              settings: dict | None = None) -> tuple[Any, Any]:
+  """The learning-rate schedule and the whole transformation of ``plan``. ``settings`` (the
+  plan's optimizer settings by default) may hold traced values: a population's members, built
+  inside the vmapped step (``population.py``)."""
+  settings = plan.optimizer.settings if settings is None else settings
+  s = settings["schedule"]
+  schedule = base.learning_rate_schedule(
+      s["name"], settings["optimizer"]["learning_rate"], num_steps,
+      warmup_steps=s["warmup_steps"], step_boundaries=s["step_boundaries"],
+      step_factor=s["step_factor"], end_factor=s["end_factor"])
+  tx = family.make(plan.optimizer.name, settings, schedule, context,
+                   plan.optimizer.weight_decay_in_loss)
+  return schedule, tx
+
+
+def initial_state(model, tx, x, seed, loaded=None) -> steps.TrainState:
+  """The train state at step 0: the model initialised on ``x`` from ``key(seed)``, every
+  variable but the classifier replaced by ``loaded`` (a published checkpoint) when given, and the
+  optimizer's state (traceable: a population vmaps it over its members' seeds)."""
+  variables = model.init(jax.random.key(seed), x)
+  if loaded is not None:
+    variables = pretrained.merge(variables, loaded)
+  params = variables["params"]
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=tx.init(params))
 
 
 def train(plan: plan_lib.Plan, workdir: str) -> dict:
@@ -136,42 +158,82 @@ def train(plan: plan_lib.Plan, workdir: str) -> dict:
   # Read first: another run holding the workdir or a different config is refused here, and an
   # ended run only reports; then build (what only the data can refuse stops here); only then
   # take the workdir and write to it.
+  ended = ended_run(plan, workdir, ckpts)
+  if ended is not None:
+    if jax.process_index() == 0:
+      print(_final_line(ended))
+    return ended
+  run = build(plan)
+  with owned(workdir):
+    opened = open_run(plan, run, workdir, ckpts)
+    if opened is None:   # it ended while this run was being built
+      return _report_ended(workdir)
+    if jax.process_index() == 0:
+      print(_start_line(plan, run, workdir, opened.start), flush=True)
+    try:
+      diverged_step = _loop(plan, run, opened.state, opened.start, ckpts, opened.rec)
+    finally:
+      opened.rec.close()
+    summary = close_run(plan, run, opened, diverged_step, ckpts, time.time() - started)
+  if jax.process_index() == 0:
+    print(_final_line(summary))
+  return summary
+
+
+# The phases of ``train`` around its loop, which a population of runs (``population.py``) goes
+# through member by member.
+
+
+class Opened(NamedTuple):
+  """A run claimed in its workdir: the step it starts from, its state there and its logs."""
+  start: int
+  state: steps.TrainState
+  rec: recorder.Recorder
+
+
+def ended_run(plan: plan_lib.Plan, workdir: str, ckpts: checkpoints.Checkpoints) -> dict | None:
+  """Reading only: refuses a workdir held by another run or holding a different config; the
+  summary of a run of ``plan`` that already ended there, else None."""
   _on_process_0(lambda: wd.check_free(workdir), workdir)
   status = wd.prepare(workdir, plan.config, plan.overwrite, write=False,
                       checkpoints=_checkpoint_facts(ckpts))
   if status in ("completed", "diverged"):
-    return _report_ended(workdir)
-  run = build(plan)
-  with owned(workdir):
-    status = wd.prepare_once(workdir, plan.config, plan.overwrite,
-                             checkpoints=_checkpoint_facts(ckpts))
-    if status in ("completed", "diverged"):   # it ended while this run was being built
-      return _report_ended(workdir)
-    restored = ckpts.restore_latest(run.state) if status == "resume" else None
-    start = restored.step if restored else 0
-    rec = recorder.Recorder(workdir, start_step=start, total_steps=run.num_steps,
-                            restored=restored.meta if restored else None,
-                            progress=plan.progress, hparams=wd.flatten(plan.config))
-    if jax.process_index() == 0:
-      data.write_label_noise(run.datasets, workdir)
-      # The data facts as soon as they are known: a run that dies early still says what it
-      # trained on.
-      wd.write_json(os.path.join(workdir, wd.DATASET_FILE), run.datasets.info)
-    if jax.process_index() == 0:
-      print(_start_line(plan, run, workdir, start), flush=True)
-    state = restored.state if restored else run.state
-    try:
-      diverged_step = _loop(plan, run, state, start, ckpts, rec)
-    finally:
-      rec.close()
-    final = rec.last("metrics", "test_accuracy")
-    if not final and not diverged_step and start == run.num_steps:
-      # A finished run whose last checkpoint kept no logs (an older version wrote it).
-      final = _evaluate_state(plan, run, state)
-    summary = _summary(plan, run, diverged_step, final, rec, ckpts, time.time() - started)
-    rec.write_summary(summary)
+    return wd.read_json(os.path.join(workdir, wd.SUMMARY_FILE))
+  return None
+
+
+def open_run(plan: plan_lib.Plan, run: Run, workdir: str,
+             ckpts: checkpoints.Checkpoints) -> Opened | None:
+  """Inside the workdir's lock: claims it for ``plan``, restores its newest intact checkpoint
+  (placed like ``run.state``), opens its logs and writes the data's facts. None when the run
+  ended meanwhile."""
+  status = wd.prepare_once(workdir, plan.config, plan.overwrite,
+                           checkpoints=_checkpoint_facts(ckpts))
+  if status in ("completed", "diverged"):
+    return None
+  restored = ckpts.restore_latest(run.state) if status == "resume" else None
+  start = restored.step if restored else 0
+  rec = recorder.Recorder(workdir, start_step=start, total_steps=run.num_steps,
+                          restored=restored.meta if restored else None,
+                          progress=plan.progress, hparams=wd.flatten(plan.config))
   if jax.process_index() == 0:
-    print(_final_line(summary))
+    data.write_label_noise(run.datasets, workdir)
+    # The data facts as soon as they are known: a run that dies early still says what it
+    # trained on.
+    wd.write_json(os.path.join(workdir, wd.DATASET_FILE), run.datasets.info)
+  return Opened(start, restored.state if restored else run.state, rec)
+
+
+def close_run(plan: plan_lib.Plan, run: Run, opened: Opened, diverged_step: int | None,
+              ckpts: checkpoints.Checkpoints, wall_time: float, **extra) -> dict:
+  """Writes and returns the summary of a run whose loop has ended (its logs closed), with the
+  entries ``extra`` beside the usual ones."""
+  final = opened.rec.last("metrics", "test_accuracy")
+  if not final and not diverged_step and opened.start == run.num_steps:
+    # A finished run whose last checkpoint kept no logs (an older version wrote it).
+    final = evaluate_state(plan, run, opened.state)
+  summary = {**_summary(plan, run, diverged_step, final, opened.rec, ckpts, wall_time), **extra}
+  opened.rec.write_summary(summary)
   return summary
 
 
@@ -215,7 +277,7 @@ def _loop(plan: plan_lib.Plan, run: Run, state, start: int, ckpts, rec) -> int |
       record = {"step": step, "learning_rate": float(run.schedule(step - 1)),
                 **{k: float(np.mean(v)) for k, v in stacked.items()}}
       if is_eval:
-        record.update(_evaluate_state(plan, run, state, eval_step))
+        record.update(evaluate_state(plan, run, state, eval_step))
       measured = _measure(plan, run, state, measures_due, measured_subset)
       record.update(evaluators.scalars(measured))
       rec.record(step, record, {"step": step, "step_time_s": elapsed / len(window),
@@ -238,13 +300,19 @@ def jit_train_step(plan: plan_lib.Plan, run: Run):
   """The jitted step: the state donated, the batch sharded over the mesh, metrics replicated;
   argument 2 (K-FAC statistics due) static, positionally (a keyword is refused with
   shardings)."""
-  d, o = plan.devices, plan.optimizer
-  step = steps.make_train_step(run.objective, run.tx, seed=plan.seed, passes=o.passes,
-                               groups=d.forward_groups, grouped_perturbation=d.sam_groups > 1,
-                               bn_policy=plan.bn_policy, extra_args=o.needs)
+  step = train_step(plan, run.objective, run.tx, plan.seed)
   return jax.jit(step, in_shardings=(run.state_sharding, parallel.batch_sharding(run.mesh)),
                  out_shardings=(run.state_sharding, parallel.replicated(run.mesh)),
                  static_argnums=2, donate_argnums=0)
+
+
+def train_step(plan: plan_lib.Plan, objective: Objective, tx, seed):
+  """The plan's train step (``steps.make_train_step``, not jitted) for an objective, a
+  transformation and a seed, which a population passes traced."""
+  d, o = plan.devices, plan.optimizer
+  return steps.make_train_step(objective, tx, seed=seed, passes=o.passes,
+                               groups=d.forward_groups, grouped_perturbation=d.sam_groups > 1,
+                               bn_policy=plan.bn_policy, extra_args=o.needs)
 
 
 def _measure(plan: plan_lib.Plan, run: Run, state, due, subset) -> dict:
@@ -261,11 +329,15 @@ def _measure(plan: plan_lib.Plan, run: Run, state, due, subset) -> dict:
 
 
 def _evaluate(eval_step, state, source, batch_size, sharding) -> dict:
+  """The summed ``Objective.eval_sums`` of one pass over ``source``."""
   totals = None
   for batch in data.prefetch_to_device(source.eval_batches(batch_size), 2, sharding):
     sums = eval_step(state.params, state.batch_stats, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
+  return jax.device_get(totals)
+
+
+def _rates(totals: dict) -> dict:
   out = {"loss": float(totals["loss"] / totals["count"]),
          "accuracy": float(totals["correct"] / totals["count"])}
   if "noisy_count" in totals:
@@ -278,18 +350,24 @@ def _evaluate(eval_step, state, source, batch_size, sharding) -> dict:
   return out
 
 
-def _evaluate_state(plan: plan_lib.Plan, run: Run, state, eval_step=None) -> dict:
-  """Test and training-subset loss and accuracy of ``state``, and the gaps."""
-  eval_step = eval_step or jax.jit(steps.make_eval_step(run.objective))
-  sharding = parallel.batch_sharding(run.mesh)
-  batch = plan.devices.eval_batch
-  test = _evaluate(eval_step, state, run.datasets.test, batch, sharding)
-  train_side = _evaluate(eval_step, state, run.datasets.train_eval, batch, sharding)
+def evaluation(test_totals: dict, train_totals: dict) -> dict:
+  """The evaluation record from the summed ``eval_sums`` of the test set and of the training
+  subset: their losses and accuracies, and the gaps."""
+  test, train_side = _rates(test_totals), _rates(train_totals)
   out = {f"test_{k}": v for k, v in test.items()}
   out.update({f"eval_train_{k}": v for k, v in train_side.items()})
   out["generalization_gap"] = test["loss"] - train_side["loss"]
   out["accuracy_gap"] = train_side["accuracy"] - test["accuracy"]
   return out
+
+
+def evaluate_state(plan: plan_lib.Plan, run: Run, state, eval_step=None) -> dict:
+  """Test and training-subset loss and accuracy of ``state``, and the gaps."""
+  eval_step = eval_step or jax.jit(steps.make_eval_step(run.objective))
+  sharding = parallel.batch_sharding(run.mesh)
+  batch = plan.devices.eval_batch
+  return evaluation(_evaluate(eval_step, state, run.datasets.test, batch, sharding),
+                    _evaluate(eval_step, state, run.datasets.train_eval, batch, sharding))
 
 
 @contextlib.contextmanager
@@ -347,7 +425,8 @@ def _summary(plan, run: Run, diverged_step, final, rec, ckpts, wall_time) -> dic
 
 def _report_ended(workdir: str) -> dict:
   summary = wd.read_json(os.path.join(workdir, wd.SUMMARY_FILE))
-  print(_final_line(summary))
+  if jax.process_index() == 0:
+    print(_final_line(summary))
   return summary
 
 

@@ -41,6 +41,7 @@ def get_config(variant=""):
   s.grids = {grids}
   s.seeds = (0, 1)
   s.criterion = {{"train_accuracy": 0.0}}
+  s.population_cap = 2   # the four members train as two populations (one after the other)
   return s
 '''
 
@@ -274,8 +275,9 @@ def test_two_workers_share_no_member(tmp_path, capfd):
   assert sorted(s[0] for s in shards) == ["0", "1"], out
   assert sum(int(s[1]) for s in shards) == 4 and all(s[1] == s[2] for s in shards)
   assert "sweep small: 4 members: 4 trained, 0 skipped (finished before), 0 failed" in out
-  populations = re.findall(r"population \d/4 \((\S+)\): 1 completed", out)
-  assert sorted(populations) == sorted(m["name"] for m in members_of(directory))
+  populations = re.findall(r"population \d/2 \(2 members, (\S+) \.\. (\S+)\): 2 completed",
+                           out)
+  assert sorted(sum(populations, ())) == sorted(m["name"] for m in members_of(directory))
 
 
 # ------------------------------------------------------------------------ emitted scripts
@@ -291,19 +293,19 @@ def test_emitted_slurm_and_tpu_vm_scripts(reference, tmp_path, capsys):
                     widths)
   assert status == 0
   script = (directory / "sweep.sbatch").read_text()
-  assert "#SBATCH --array=0-3\n" in script and os.access(directory / "sweep.sbatch", os.X_OK)
+  assert "#SBATCH --array=0-1\n" in script and os.access(directory / "sweep.sbatch", os.X_OK)
   assert f"#SBATCH --output={directory}/slurm-%A_%a.out" in script
   assert f"\ncd {shlex.quote(str(ROOT))}\n" in script
   command = script.strip().splitlines()[-1]
   assert command == ('"${PYTHON:-.venv/bin/python}" -m nonuniform_jax.sweep '
                      f"--config={config} '--workdir={directory}' "
-                     "'--config.train.model.widths=(4, 2)' --shard=\"$SLURM_ARRAY_TASK_ID/4\"")
+                     "'--config.train.model.widths=(4, 2)' --shard=\"$SLURM_ARRAY_TASK_ID/2\"")
   assert f"sbatch '{directory}/sweep.sbatch'" in out
   assert [m["name"] for m in members_of(directory)] == [m["name"] for m in members_of(expected)]
-  # The task's command, as bash reads it: shard 2 of 4.
-  words = shlex.split(command.replace("$SLURM_ARRAY_TASK_ID", "2")
+  # The task's command, as bash reads it: shard 1 of 2.
+  words = shlex.split(command.replace("$SLURM_ARRAY_TASK_ID", "1")
                       .replace("${PYTHON:-.venv/bin/python}", "python"))
-  assert words[-2:] == ["--config.train.model.widths=(4, 2)", "--shard=2/4"]
+  assert words[-2:] == ["--config.train.model.widths=(4, 2)", "--shard=1/2"]
 
   # TPU VMs: the config must lie in the repository (copied to the VMs); two shards.
   shutil_config = ROOT / "configs" / "sweeps" / "test_small_sweep.py"
@@ -384,15 +386,15 @@ def test_paper_sweeps_expand_and_their_tiny_variants_are_valid(spec, monkeypatch
 
 def test_a_paper_sweep_emitted_for_slurm_runs_a_shard_on_mock_data(tmp_path, capsys,
                                                                    monkeypatch):
-  """The CNN study at tiny scale, emitted as one task per population: the script's task 63 runs
-  the sweep command with shard 63/64 (read from the interpreter it starts), and that command
-  trains its one member (the cheapest: shards take the costliest first) under
-  tfds.testing.mock_data."""
+  """The CNN study at tiny scale, emitted as one task per population (of one member each, by
+  ``population_cap=1``): the script's task 63 runs the sweep command with shard 63/64 (read from
+  the interpreter it starts), and that command trains its one member (the cheapest: shards take
+  the costliest first) under tfds.testing.mock_data."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(ROOT)
   directory = tmp_path / "cnn"
   status, out = run(capsys, "--config=configs/sweeps/cifar10_cnn_study.py:tiny",
-                    f"--workdir={directory}", "--emit=slurm")
+                    f"--workdir={directory}", "--emit=slurm", "--config.population_cap=1")
   assert status == 0 and "a job array of 64 tasks, one per population" in out
   shim = tmp_path / "python"   # records the command the task runs
   shim.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$PWD" "$@"\n')
@@ -404,7 +406,7 @@ def test_a_paper_sweep_emitted_for_slurm_runs_a_shard_on_mock_data(tmp_path, cap
   cwd, *argv = result.stdout.splitlines()
   assert cwd == str(ROOT) and argv == [
       "-m", "nonuniform_jax.sweep", "--config=configs/sweeps/cifar10_cnn_study.py:tiny",
-      f"--workdir={directory}", "--shard=63/64"]
+      f"--workdir={directory}", "--config.population_cap=1", "--shard=63/64"]
   with tfds.testing.mock_data(num_examples=64):
     status, out = run(capsys, *argv[2:])
   assert status == 0, out

@@ -120,6 +120,19 @@ class ArraySource:
   def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
     """Infinite training batches ``{'inputs', 'labels'}`` of this process, from ``start_step``."""
     local = local_batch_size(batch_size, self.process_count)
+    positions = slice(self.process_index * local, (self.process_index + 1) * local)
+    for step, idx in enumerate(self.train_indices(batch_size, seed, start_step), start_step):
+      x = self.inputs[idx]
+      if self.augment is not None:
+        x = self.augment(x, rng(seed, STREAM_AUGMENT, step), positions, batch_size)
+      yield {"inputs": self.preprocess(x), "labels": self.labels[idx]}
+
+  def train_indices(self, batch_size: int, seed: int,
+                    start_step: int = 0) -> Iterator[np.ndarray]:
+    """The positions in this split of the examples of each training batch of this process, from
+    ``start_step``: ``train_batches`` without reading the examples (a population gathers them
+    on its device, ``population.py``)."""
+    local = local_batch_size(batch_size, self.process_count)
     steps = self.steps_per_epoch(batch_size)
     if steps == 0:
       raise ValueError(f"batch_size={batch_size} exceeds the {self.num_examples} training examples")
@@ -130,11 +143,7 @@ class ArraySource:
       e, i = divmod(step, steps)
       if e != epoch:
         epoch, order = e, epoch_permutation(seed, e, self.num_examples)
-      idx = order[i * batch_size:(i + 1) * batch_size][positions]
-      x = self.inputs[idx]
-      if self.augment is not None:
-        x = self.augment(x, rng(seed, STREAM_AUGMENT, step), positions, batch_size)
-      yield {"inputs": self.preprocess(x), "labels": self.labels[idx]}
+      yield order[i * batch_size:(i + 1) * batch_size][positions]
       step += 1
 
   def first_examples(self, num_examples: int) -> Batch:

@@ -42,6 +42,12 @@ def learning_rate_schedule(name: str, peak: float, total_steps: int, *, warmup_s
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
+def _on(value) -> bool:
+  """Whether a setting switches its transformation on: > 0, or traced (a population whose
+  members differ in it; they all have it on, ``population.shape_key``)."""
+  return checks.traced(value) or value > 0
+
+
 def base_optimizer(name: str, learning_rate, *, momentum: float = 0.0, nesterov: bool = False,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    weight_decay: float = 0.0, weight_decay_mode: str = "coupled",
@@ -64,14 +70,14 @@ def base_optimizer(name: str, learning_rate, *, momentum: float = 0.0, nesterov:
   parts = []
   if grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(grad_clip_norm))
-  if weight_decay > 0 and not decoupled:
+  if _on(weight_decay) and not decoupled:
     parts.append(optax.add_decayed_weights(weight_decay))
   if name == "sgd":
-    if momentum > 0:
+    if _on(momentum):
       parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   else:
     parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-  if weight_decay > 0 and decoupled:
+  if _on(weight_decay) and decoupled:
     parts.append(optax.add_decayed_weights(weight_decay))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)

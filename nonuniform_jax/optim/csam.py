@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nonuniform_jax import checks
 from nonuniform_jax.optim import kfac
 from nonuniform_jax.optim.sam import GradFn, add_trees, sam_perturbation, validate_rho
 
@@ -83,7 +84,7 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
   """
   validate_rho("rho1", rho1)
   validate_rho("rho2", rho2)
-  if not 0.0 <= alpha < 1.0:
+  if not checks.traced(alpha) and not 0.0 <= alpha < 1.0:
     raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
   if metric not in METRICS:
     raise ValueError(f"unknown CSAM metric {metric!r}; choose one of {METRICS}")
