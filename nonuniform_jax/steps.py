@@ -16,6 +16,7 @@ import optax
 
 from nonuniform_jax.models import layers
 from nonuniform_jax.optim import kfac
+from nonuniform_jax.optim.diagnostics import step_diagnostics
 
 BN_POLICIES = ("clean", "every_pass")
 
@@ -75,6 +76,9 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
                     passes: int = 1, groups: int = 1, grouped_perturbation: bool = False,
                     bn_policy: str = "clean", extra_args: tuple[str, ...] = ()) -> Callable:
   """Returns ``train_step(state, batch, kfac_due=None) -> (state, metrics)`` (not yet jitted).
+
+  ``metrics``: ``train_loss``, ``train_accuracy`` and the optimizer's step diagnostics
+  (``optim.step_diagnostics``: ``sam/*``, ``csam/*``, ``kfac/*``... for the SAM family).
 
   ``kfac_due`` (with 'kfac_factors' only): whether this step refreshes the K-FAC statistics, as
   a Python bool known to the caller (jit it as a static argument: two programs, each with only
@@ -183,7 +187,9 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                               opt_state=opt_state)
-    return new_state, {"train_loss": loss, "train_accuracy": accuracy}
+    # The SAM family's own scalars (ascent norms, K-FAC spectra; optim.diagnostics), if any.
+    return new_state, {"train_loss": loss, "train_accuracy": accuracy,
+                       **step_diagnostics(opt_state)}
 
   return train_step
 

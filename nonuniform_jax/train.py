@@ -209,7 +209,8 @@ def _family_transform(config, num_train: int, kfac_layers):
   groups = config.batch_size // (config.sam.m or config.batch_size)
   kfac_kwargs = dict(damping=k.damping, stats_every=k.stats_every,
                      inverse_every=k.inverse_every, ema_decay=k.ema_decay,
-                     unfactored=k.unfactored, kfac_layers=kfac_layers)
+                     unfactored=k.unfactored, kfac_layers=kfac_layers, factor_init=k.init,
+                     inverse=k.inverse)
   if name in ("sam", "asam"):
     return optim.sam(config.sam.rho, adaptive=name == "asam", eta=config.sam.eta,
                      grouped=groups > 1)
