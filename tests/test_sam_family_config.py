@@ -53,3 +53,17 @@ def test_offline_setup_trains(method, tmp_path):
   assert summary["status"] == "completed"
   assert summary["settings"]["gradient_evaluations_per_step"] == (
       2 if method in ("asam", "gam") else 3)
+
+
+@pytest.mark.parametrize("method", ["csam_kfac", "gam"])
+def test_kfac_methods_learn_with_the_shipped_settings(method, tmp_path):
+  """CSAM-K-FAC and GAM with the shipped settings (the default MLP, batch 128, K-FAC factors
+  refreshed every 50 steps) learn MNIST-1D: 300 steps reach a test accuracy far above chance
+  (0.1). Running factors started at the first batch factors instead, the batch-128 factors of
+  the 256-wide layers are singular, the ascent goes up to ρ/√λ ≈ 30ρ, and the same runs end at
+  0.11 (CSAM-K-FAC) and 0.43 (GAM)."""
+  c = CONFIG["get_config"](f"mnist1d,{method}")
+  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 300, 300, 300, 300
+  c.train_eval_examples, c.progress = 1000, False
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["final"]["test_accuracy"] > 0.5
