@@ -323,18 +323,6 @@ def test_factored_inverse_matches_a_dense_solve_of_the_damped_factors():
   np.testing.assert_allclose(inv["l"].lg, np.linalg.eigvalsh(g64), rtol=1e-4, atol=1e-8)
 
 
-def test_batched_eigen_matches_one_call_per_factor():
-  """Factors of equal size across layers share one batched eigh: same eigenpairs."""
-  factors = {"x": kfac.Factors(spd(0, 4), spd(1, 6)), "y": kfac.Factors(spd(2, 6), spd(3, 4)),
-             "z": kfac.Factors(spd(4, 3), spd(5, 6))}
-  got = jax.jit(kfac.eigen)(factors)
-  for name, f in factors.items():
-    for q, lam, m in ((got[name].qa, got[name].la, f.a), (got[name].qg, got[name].lg, f.g)):
-      np.testing.assert_allclose(lam, np.linalg.eigvalsh(np.asarray(m, np.float64)),
-                                 rtol=1e-5, atol=1e-6)
-      np.testing.assert_allclose((q * lam) @ q.T, m, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("form", kfac.INVERSES)
 def test_precondition_on_a_parameter_tree(form):
   """Kernel and bias rows go to the right places; uncovered parameters get 0 or themselves."""

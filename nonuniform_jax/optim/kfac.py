@@ -361,31 +361,18 @@ def effective_rank_centred(factors, mean_grads) -> dict:
 INVERSES = ("exact", "factored")
 
 
-def _eigh_all(mats: dict) -> dict:
-  """``{key: (eigenvalues clipped at 0, eigenvectors)}`` of symmetric matrices, those of equal
-  size in one batched ``eigh`` call (see ``eigen``)."""
-  by_size = {}
-  for key, m in mats.items():
-    by_size.setdefault(m.shape[-1], []).append(key)
-  out = {}
-  for keys in by_size.values():
-    lam, q = jnp.linalg.eigh(jnp.stack([mats[k] for k in keys]))
-    for i, key in enumerate(keys):
-      out[key] = (jnp.maximum(lam[i], 0.0), q[i])
-  return out
-
-
 def eigen(factors) -> dict:
   """``{layer: Eigen}`` of ``{layer: Factors}`` (symmetric eigendecomposition, λ ≥ 0).
 
-  The factors of equal size (across layers, A's and G's alike) are decomposed in one batched
-  ``eigh`` call: on a 2-core CPU that is about 12% faster than one call per factor for the
-  default MLP's four 256- and 257-wide factors, and it gives an accelerator one launch per size.
+  One ``eigh`` call per factor, which XLA runs concurrently: on a 2-core CPU that is faster
+  than one batched call per size (``benchmarks/bench_csam.py``), and jaxlib's CPU kernel can
+  deadlock when two batched ``eigh`` calls run at once (both pool threads wait for work queued
+  behind them; jax 0.10.2).
   """
-  mats = {(n, w): getattr(f, w) for n, f in factors.items() for w in ("a", "g")}
-  dec = _eigh_all(mats)
-  return {n: Eigen(dec[n, "a"][1], dec[n, "a"][0], dec[n, "g"][1], dec[n, "g"][0])
-          for n in factors}
+  def decompose(m):
+    lam, q = jnp.linalg.eigh(m)
+    return q, jnp.maximum(lam, 0.0)
+  return {name: Eigen(*decompose(f.a), *decompose(f.g)) for name, f in factors.items()}
 
 
 def pi_correction(a: jax.Array, g: jax.Array) -> jax.Array:
@@ -402,8 +389,8 @@ def factored_inverse(factors, damping: float) -> dict:
   §6.3), (G ⊗ A + λI)⁻¹ ≈ (G + γ_G I)⁻¹ ⊗ (A + γ_A I)⁻¹ with γ_A = π√λ, γ_G = √λ/π
   (``pi_correction``; γ_A·γ_G = λ). The product of the damped factors is
   G ⊗ A + λI + γ_G (I ⊗ A) + γ_A (G ⊗ I): more damping than λI, along the factors' own scales.
-  Computed from the same batched eigendecompositions as ``eigen`` (so the eigenvalues, which the
-  step diagnostics report, come for free)."""
+  Computed from the eigendecompositions of ``eigen`` (so the eigenvalues, which the step
+  diagnostics report, come for free)."""
   dec = eigen(factors)
   out = {}
   for name, f in factors.items():
