@@ -185,6 +185,10 @@ def test_bad_arguments_raise_before_compilation(problem):
     optim.csam(0.1, 0.2, 0.9, metric="kfac", damping=0.0, kfac_layers=problem.layers)
   with pytest.raises(ValueError, match="stats_every"):
     optim.csam(0.1, 0.2, 0.9, metric="kfac", stats_every=0, kfac_layers=problem.layers)
+  with pytest.raises(ValueError, match="init must be one of .*identity.*batch.*'zeros'"):
+    optim.csam(0.1, 0.2, 0.9, metric="kfac", factor_init="zeros", kfac_layers=problem.layers)
+  with pytest.raises(ValueError, match="inverse must be one of .*exact.*factored.*'cholesky'"):
+    optim.csam(0.1, 0.2, 0.9, metric="kfac", inverse="cholesky", kfac_layers=problem.layers)
   with pytest.raises(ValueError, match="grouped"):
     optim.csam(0.1, 0.2, 0.9, grouped=True)
   tx = optim.csam(0.1, 0.2, 0.9, metric="kfac", kfac_layers=problem.layers)

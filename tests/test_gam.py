@@ -98,3 +98,7 @@ def test_gam_bad_arguments():
     optim.gam(0.1, kfac_layers=[])
   with pytest.raises(ValueError, match="zero.*identity"):
     optim.gam(0.1, kfac_layers=["Dense_0"], unfactored="none")
+  with pytest.raises(ValueError, match="init must be one of"):
+    optim.gam(0.1, kfac_layers=["Dense_0"], factor_init="eye")
+  with pytest.raises(ValueError, match="inverse must be one of"):
+    optim.gam(0.1, kfac_layers=["Dense_0"], inverse="approx")
