@@ -12,7 +12,10 @@ model and batch, all measured side by side:
   with the per-parameter moments, i.e. ``gradient_noise(method='chunked')``.
 * Python loop: a jitted single-example gradient-and-accumulate step called once per example
   from Python; a subset of the examples is timed and scaled to the batch (said in the note).
-  Goal: chunked at least 10x faster than the loop.
+  Goal on an accelerator (GPU, TPU): chunked at least 10x faster than the loop. On a CPU the
+  rows are measured without a goal: there a vmapped per-example gradient computes no faster per
+  example than a single-example one, so chunking can remove only the loop's dispatch (next
+  row).
 * the loop's dispatch alone: the same calls with a step that computes nothing. The loop's time
   less this is its compute; chunking removes the dispatch, so loop / chunked exceeds
   loop / (loop − dispatch) only where vmapped per-example gradients compute faster per example
@@ -130,6 +133,7 @@ def _timing_rows(case, name, shape, chunk_size, loop_count, quick):
   if quick:
     chunk_size, loop_count = min(chunk_size, 8), min(loop_count, 4)
   repeats = 2 if quick else 10
+  accelerator = jax.default_backend() != "cpu"
   loss_fn, capture_fn, perturbations_fn, params, batch = _problem(name, shape, batch_size)
   uncovered = captures.uncovered(params, capture_fn, perturbations_fn, ((batch, np.int32(0)),))
   grad_s = time_fn(jax.jit(jax.grad(loss_fn)), params, batch, repeats=repeats)
@@ -167,8 +171,10 @@ def _timing_rows(case, name, shape, chunk_size, loop_count, quick):
        "note": f"{ms(dispatch_s)}: the loop's calls with a step that computes nothing; "
                f"removing all of it would make the loop {bound:.2f}x faster"},
       {**base, "case": f"{case}: loop / chunked", "value": loop_s / chunked_s,
-       "unit": "x faster", "goal": f">= {LOOP_GOAL:g}", "ok": loop_s / chunked_s >= LOOP_GOAL,
-       "note": "chunked per-example gradients against the Python loop"},
+       "unit": "x faster", "goal": f">= {LOOP_GOAL:g}" if accelerator else "",
+       "ok": loop_s / chunked_s >= LOOP_GOAL if accelerator else None,
+       "note": "chunked per-example gradients against the Python loop" + (
+           "" if accelerator else f"; the {LOOP_GOAL:g}x goal is for an accelerator only")},
   ]
 
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.run            # full measurement (a few minutes on a 2-core CPU)
     python -m benchmarks.run --quick    # smaller sizes, to check that everything runs
-    python -m benchmarks.run --only sam,data
+    python -m benchmarks.run --only sam,data   # splices these rows into BENCHMARKS.md
 
 Each module exposes ``run(quick: bool) -> list[dict]`` with rows of: benchmark, case, value,
 unit, goal, ok, note. Every value is a ratio measured side by side in this one process, so
@@ -45,6 +45,21 @@ def _table(rows) -> str:
   return "\n".join(lines)
 
 
+def splice(document: str, rows) -> str:
+  """``document`` (BENCHMARKS.md) with the table rows of the benchmarks named in ``rows``
+  replaced by ``rows``, where the first of them stood (appended to the table when none did);
+  every other line, the prose around the table included, is kept as it is."""
+  names = {r["benchmark"] for r in rows}
+  lines = document.split("\n")
+  table = [i for i, line in enumerate(lines) if line.startswith("| ")][1:]   # below the header
+  old = [i for i in table if lines[i].split(" | ")[0][2:] in names]
+  at = old[0] if old else table[-1] + 1
+  new = _table(rows).split("\n")[2:]
+  kept = [line for i, line in enumerate(lines) if i not in set(old)]
+  at -= sum(1 for i in old if i < at)
+  return "\n".join(kept[:at] + new + kept[at:])
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
@@ -64,7 +79,10 @@ def main(argv=None) -> int:
                    "goal": "", "ok": False, "note": f"{type(e).__name__}: {e}"})
   table = _table(rows)
   print(table)
-  if not args.no_write:
+  if not args.no_write and args.only and (ROOT / "BENCHMARKS.md").exists():
+    path = ROOT / "BENCHMARKS.md"
+    path.write_text(splice(path.read_text(), rows))
+  elif not args.no_write:
     device = jax.devices()[0]
     header = (
         "# Benchmarks\n\n"

@@ -74,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
       "inverse_every": 50,
       "ema_decay": 0.95,
       "unfactored": "zero",             # parameters without factors: zero (unperturbed) | identity
+      "init": "identity",               # running factors start at: identity | batch (raw first factors)
+      "inverse": "exact",               # damped inverse: exact (eigenbasis) | factored (Tikhonov)
   })
   c.sam_gcm = ml_collections.ConfigDict({"rho": 5e-4, "xi": 1e-6, "max_params": 1_000_000})
   c.cov = ml_collections.ConfigDict({"lam": 0.3})

@@ -16,8 +16,11 @@ cifar10_densenet100, cifar100_densenet100. Methods, with the authors' values:
 * csam: ρ1 = 0.1, ρ2 = 0.2 (CIFAR-10, MNIST) or 0.4 (CIFAR-100); α = 0.9, 0.6 for ResNet-20/56
   on CIFAR-10, 0.4 for PyramidNet; identity metric (the configuration behind the reported CIFAR
   results). The ViT transfer's settings are in configs/transfer_vit.py.
+* csam_adaptive: the same with the adaptive (ASAM-scaled) metric, η = 0.01 (the authors'
+  adaptive class's default).
 * csam_kfac: the same with the Kronecker-factored metric, damping 1e-3, statistics and inverse
-  refreshed every 50 steps with EMA decay 0.95.
+  refreshed every 50 steps with EMA decay 0.95, running factors starting at the identity.
+* gam: GAM (no reported runs) with SAM's ρ and the K-FAC settings of csam_kfac.
 
 Every method keeps the authors' base setting (SGD momentum 0.9, cosine learning rate 0.1, batch
 128, weight decay from step 0; on CIFAR 300 epochs, where the plain CIFAR configs use the common
@@ -45,7 +48,7 @@ SETUPS = {"mnist1d": ("default.py", ""), "mnist_mlp": ("mnist_mlp.py", ""),
           "cifar100_pyramidnet110": ("cifar10_pyramidnet110.py", "cifar100"),
           "cifar10_densenet100": ("cifar10_densenet100.py", ""),
           "cifar100_densenet100": ("cifar10_densenet100.py", "cifar100")}
-METHODS = ("sgd", "sam", "asam", "csam", "csam_kfac")
+METHODS = ("sgd", "sam", "asam", "csam", "csam_adaptive", "csam_kfac", "gam")
 
 
 def get_config(variant: str = "mnist1d,csam") -> ml_collections.ConfigDict:
@@ -76,5 +79,9 @@ def get_config(variant: str = "mnist1d,csam") -> ml_collections.ConfigDict:
     c.optimizer.name = "csam"
     c.csam.rho1, c.csam.rho2 = 0.1, 0.4 if cifar100 else 0.2
     c.csam.alpha = 0.6 if small_resnet else 0.4 if c.model.name.startswith("pyramidnet") else 0.9
-    c.csam.metric = "kfac" if method == "csam_kfac" else "identity"
+    c.csam.metric = {"csam": "identity", "csam_adaptive": "adaptive", "csam_kfac": "kfac"}[method]
+    if method == "csam_adaptive":
+      c.sam.eta = 0.01
+  elif method == "gam":
+    c.optimizer.name, c.sam.rho = "gam", 0.1 if cifar100 else 0.05
   return c

@@ -18,6 +18,7 @@ from nonuniform_jax import checks
 from nonuniform_jax import per_example as per_example_lib
 from nonuniform_jax.objective import Objective, cross_entropy
 from nonuniform_jax.optim import kfac
+from nonuniform_jax.optim.diagnostics import step_diagnostics
 
 BN_POLICIES = ("clean", "every_pass")
 EXTRA_ARGS = ("kfac_factors", "per_example_grads", "per_example_loss_fn")
@@ -87,6 +88,9 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
                     passes: int = 1, groups: int = 1, grouped_perturbation: bool = False,
                     bn_policy: str = "clean", extra_args: tuple[str, ...] = ()) -> Callable:
   """Returns ``train_step(state, batch, kfac_due=None) -> (state, metrics)`` (not yet jitted).
+
+  ``metrics``: ``train_loss``, ``train_accuracy`` and the optimizer's step diagnostics
+  (``optim.step_diagnostics``: ``sam/*``, ``csam/*``, ``kfac/*``... for the SAM family).
 
   ``kfac_due`` (with 'kfac_factors' only): whether this step refreshes the K-FAC statistics, as
   a Python bool known to the caller (jit it as a static argument: two programs, each with only
@@ -177,7 +181,9 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
                               params=optax.apply_updates(state.params, updates),
                               batch_stats=stats, opt_state=opt_state)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
-    return new_state, {"train_loss": loss, "train_accuracy": accuracy}
+    # The SAM family's own scalars (ascent norms, K-FAC spectra; optim.diagnostics), if any.
+    return new_state, {"train_loss": loss, "train_accuracy": accuracy,
+                       **step_diagnostics(opt_state)}
 
   return train_step
 

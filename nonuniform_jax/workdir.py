@@ -69,7 +69,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 # Settings added after runs were made, with the value that keeps such a run's meaning: a
 # config.json without one reads as holding this value, so those runs still resume and measure.
-ADDED_DEFAULTS = {"data_seed": -1, "precision": "float32"}
+ADDED_DEFAULTS = {"data_seed": -1, "precision": "float32", "kfac.init": "batch",
+                  "kfac.inverse": "exact"}
 
 
 def with_added_defaults(config: dict) -> dict:

@@ -55,9 +55,20 @@ class Problem:
     return kfac.batch_factors(caps)
 
 
-def dense_inverse(params, factors, damping, unfactored):
+def damped_kronecker(a, g, damping, form="exact"):
+  """G ⊗ A + λI ('exact') or (G + γ_G I) ⊗ (A + γ_A I) ('factored': γ_A = π√λ, γ_G = √λ/π,
+  π = sqrt((tr A / dim A) / (tr G / dim G))), float64."""
+  a, g = np.asarray(a, np.float64), np.asarray(g, np.float64)
+  if form == "exact":
+    return np.kron(g, a) + damping * np.eye(a.shape[0] * g.shape[0])
+  pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+  return np.kron(g + np.sqrt(damping) / pi * np.eye(g.shape[0]),
+                 a + pi * np.sqrt(damping) * np.eye(a.shape[0]))
+
+
+def dense_inverse(params, factors, damping, unfactored, form="exact"):
   """The n × n matrix (F + λI)⁻¹ on the flattened parameters (ravel_pytree order): on each
-  factored layer the inverse of G ⊗ A + λI acting on the column-major vec of
+  factored layer the inverse of ``damped_kronecker`` acting on the column-major vec of
   [kernel.reshape(K, F); bias]; on the other parameters 0 ('zero') or I ('identity')."""
   flat, unravel = ravel_pytree(params)
   n = flat.size
@@ -70,6 +81,5 @@ def dense_inverse(params, factors, damping, unfactored):
     kernel = np.asarray(sub["kernel"]).reshape(-1, sub["kernel"].shape[-1])
     rows = np.concatenate([kernel, np.asarray(sub["bias"])[None]]) if "bias" in sub else kernel
     idx = rows.ravel(order="F").astype(int)
-    block = np.kron(np.asarray(f.g, np.float64), np.asarray(f.a, np.float64))
-    inv[np.ix_(idx, idx)] = np.linalg.inv(block + damping * np.eye(len(idx)))
+    inv[np.ix_(idx, idx)] = np.linalg.inv(damped_kronecker(f.a, f.g, damping, form))
   return inv

@@ -26,13 +26,14 @@ STEPS = 4   # reaches step 3: an inverse refresh on a step without new statistic
 
 
 @functools.lru_cache(maxsize=None)
-def run_csam(problem, metric, sign=-1, unfactored="zero"):
+def run_csam(problem, metric, sign=-1, unfactored="zero", init="identity", form="exact"):
   """STEPS jitted steps of chain(csam, sgd); returns per step (ε1, ε2, params after) and the
   final state, plus the compiled step (to count compilations)."""
   tx = optax.chain(optim.csam(RHO1, RHO2, ALPHA, metric=metric, eta=ETA, damping=DAMPING,
                               momentum_sign=sign, unfactored=unfactored,
                               kfac_layers=problem.layers, stats_every=STATS_EVERY,
-                              inverse_every=INVERSE_EVERY, ema_decay=DECAY),
+                              inverse_every=INVERSE_EVERY, ema_decay=DECAY, factor_init=init,
+                              inverse=form),
                    optax.sgd(LR))
 
   @jax.jit
@@ -62,8 +63,9 @@ def run_csam(problem, metric, sign=-1, unfactored="zero"):
 
 
 @functools.lru_cache(maxsize=None)
-def reference_csam(problem, metric, sign=-1, unfactored="zero"):
-  """The same STEPS by hand (docs/methods.md, CSAM), float64."""
+def reference_csam(problem, metric, sign=-1, unfactored="zero", init="identity", form="exact"):
+  """The same STEPS by hand (docs/methods.md, CSAM), float64. The running factors start at the
+  identity (``init`` 'identity') or at the first batch factors ('batch')."""
   flat, unravel = ravel_pytree(problem.params)
   flat = np.asarray(flat, np.float64)
   grad = lambda v: np.asarray(ravel_pytree(problem.grad(unravel(jnp.asarray(v, jnp.float32))))[0],
@@ -88,10 +90,12 @@ def reference_csam(problem, metric, sign=-1, unfactored="zero"):
       if k % STATS_EVERY == 0:
         batch = jax.tree.map(np.asarray, problem.batch_factors(unravel(jnp.asarray(flat,
                                                                                    jnp.float32))))
+        if ema is None and init == "identity":
+          ema = jax.tree.map(lambda b: np.eye(b.shape[0]), batch)
         ema = batch if ema is None else jax.tree.map(
             lambda e, b: DECAY * e + (1 - DECAY) * b, ema, batch)
       if k % INVERSE_EVERY == 0:
-        inv = dense_inverse(problem.params, ema, DAMPING, unfactored)
+        inv = dense_inverse(problem.params, ema, DAMPING, unfactored, form)
       v = inv @ d
       e2 = RHO2 * v / np.sqrt(d @ v + 1e-12)
     flat = flat - LR * grad(flat + e2)
@@ -104,18 +108,28 @@ def problem():
   return Problem()
 
 
-@pytest.mark.parametrize("metric,sign,unfactored", [
-    ("identity", -1, "zero"), ("adaptive", -1, "zero"),
-    ("kfac", -1, "zero"), ("kfac", 1, "identity")])
-def test_csam_matches_the_three_pass_reference(problem, metric, sign, unfactored):
-  got, state, step = run_csam(problem, metric, sign, unfactored)
-  want, momentum = reference_csam(problem, metric, sign, unfactored)
+@pytest.mark.parametrize("metric,sign,unfactored,init,form", [
+    ("identity", -1, "zero", "identity", "exact"), ("adaptive", -1, "zero", "identity", "exact"),
+    ("kfac", -1, "zero", "identity", "exact"), ("kfac", 1, "identity", "batch", "exact"),
+    ("kfac", -1, "zero", "identity", "factored"), ("kfac", -1, "zero", "batch", "factored")])
+def test_csam_matches_the_three_pass_reference(problem, metric, sign, unfactored, init, form):
+  got, state, step = run_csam(problem, metric, sign, unfactored, init, form)
+  want, momentum = reference_csam(problem, metric, sign, unfactored, init, form)
   for (e1, e2, params), (r1, r2, rparams, _, _) in zip(got, want):
     np.testing.assert_allclose(e1, r1, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(e2, r2, rtol=2e-3, atol=2e-5)
     np.testing.assert_allclose(params, rparams, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(ravel_pytree(state[0].momentum)[0], momentum, rtol=1e-3, atol=1e-6)
   assert step._cache_size() == 1  # counters and refreshes live in the state: no recompilation
+  # The last step's diagnostics are the norms of the reference's last step.
+  r1, r2, _, d, inv = want[-1]
+  diag = optim.step_diagnostics(state)
+  np.testing.assert_allclose(diag["csam/eps1_norm"], np.linalg.norm(r1), rtol=1e-5)
+  np.testing.assert_allclose(diag["csam/eps2_norm"], np.linalg.norm(r2), rtol=2e-3)
+  np.testing.assert_allclose(diag["csam/d_norm"], np.linalg.norm(d), rtol=1e-3)
+  if metric != "adaptive":
+    np.testing.assert_allclose(diag["csam/d_dot_v"], d @ (d if inv is None else inv @ d),
+                               rtol=2e-3)
 
 
 def test_sign_and_metric_change_the_step(problem):
@@ -123,6 +137,12 @@ def test_sign_and_metric_change_the_step(problem):
   minus, plus = reference_csam(problem, "identity", -1)[0], reference_csam(problem, "identity",
                                                                             1)[0]
   assert np.linalg.norm(minus[1][1] - plus[1][1]) > 1e-3  # m ≠ 0 from the second step
+  first = {(init, form): reference_csam(problem, "kfac", -1, "zero", init, form)[0][0][1]
+           for init in ("identity", "batch") for form in ("exact", "factored")}
+  for a, b in ((("identity", "exact"), ("batch", "exact")),
+               (("identity", "exact"), ("identity", "factored")),
+               (("batch", "exact"), ("batch", "factored"))):
+    assert np.linalg.norm(first[a] - first[b]) > 0.05 * np.linalg.norm(first[a])
   zero = reference_csam(problem, "kfac", -1, "zero")[0][0]
   ident = reference_csam(problem, "kfac", 1, "identity")[0][0]
   unfactored = np.diag(zero[4]) == 0  # the LayerNorm parameters
@@ -165,6 +185,10 @@ def test_bad_arguments_raise_before_compilation(problem):
     optim.csam(0.1, 0.2, 0.9, metric="kfac", damping=0.0, kfac_layers=problem.layers)
   with pytest.raises(ValueError, match="stats_every"):
     optim.csam(0.1, 0.2, 0.9, metric="kfac", stats_every=0, kfac_layers=problem.layers)
+  with pytest.raises(ValueError, match="init must be one of .*identity.*batch.*'zeros'"):
+    optim.csam(0.1, 0.2, 0.9, metric="kfac", factor_init="zeros", kfac_layers=problem.layers)
+  with pytest.raises(ValueError, match="inverse must be one of .*exact.*factored.*'cholesky'"):
+    optim.csam(0.1, 0.2, 0.9, metric="kfac", inverse="cholesky", kfac_layers=problem.layers)
   with pytest.raises(ValueError, match="grouped"):
     optim.csam(0.1, 0.2, 0.9, grouped=True)
   tx = optim.csam(0.1, 0.2, 0.9, metric="kfac", kfac_layers=problem.layers)

@@ -327,6 +327,14 @@ def test_documented_command_runs(where, command, workdirs, monkeypatch, capsys):
     else:
       pytest.fail(f"{where}: no way to run {command!r}")
     return
+  if program in ("python", ".venv/bin/python") and words[1:3] == ["-m",
+                                                                  "benchmarks.sam_family_table"]:
+    from benchmarks import sam_family_table  # pylint: disable=g-import-not-at-top
+    argv = _rewrite_workdirs(words[3:], workdirs)
+    assert sam_family_table.main(argv + ["--seeds", "0", "--methods", "sgd,csam_kfac",
+                                         "--num_steps", "2"]) == 0
+    assert "| CSAM K-FAC |" in capsys.readouterr().out
+    return
   if program == "tensorboard":
     assert pathlib.Path(sys.executable).with_name("tensorboard").exists()
     return

@@ -302,14 +302,41 @@ def test_damped_inverse_matches_a_dense_solve():
   np.testing.assert_allclose(vec(got), np.linalg.solve(dense, vec(d)), rtol=1e-4, atol=1e-5)
 
 
-def test_precondition_on_a_parameter_tree():
+def test_factored_inverse_matches_a_dense_solve_of_the_damped_factors():
+  """inverse='factored': (A + γ_A I)⁻¹ D (G + γ_G I)⁻¹ against a dense solve of
+  (G + γ_G I) ⊗ (A + γ_A I), γ's from π computed here by hand; and it is not the exact form."""
+  a, g = spd(0, 5), spd(1, 3, 0.01)   # unequal scales: π far from 1
+  d = normal(2, (5, 3))
+  lam = 0.05
+  inv = jax.jit(lambda a, g: kfac.refresh_inverse({"l": kfac.Factors(a, g)}, lam,
+                                                  "factored"))(a, g)
+  got = jax.jit(lambda i, d: kfac.apply_inverse(i, {"l": d}, lam)["l"])(inv, d)
+  a64, g64 = np.asarray(a, np.float64), np.asarray(g, np.float64)
+  pi = np.sqrt((np.trace(a64) / 5) / (np.trace(g64) / 3))
+  assert pi > 3
+  gamma_a, gamma_g = pi * np.sqrt(lam), np.sqrt(lam) / pi
+  dense = np.kron(g64 + gamma_g * np.eye(3), a64 + gamma_a * np.eye(5))
+  np.testing.assert_allclose(vec(got), np.linalg.solve(dense, vec(d)), rtol=1e-4, atol=1e-5)
+  exact = np.linalg.solve(np.kron(g64, a64) + lam * np.eye(15), vec(d))
+  assert np.linalg.norm(vec(got) - exact) > 0.1 * np.linalg.norm(exact)
+  np.testing.assert_allclose(inv["l"].la, np.linalg.eigvalsh(a64), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(inv["l"].lg, np.linalg.eigvalsh(g64), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("form", kfac.INVERSES)
+def test_precondition_on_a_parameter_tree(form):
   """Kernel and bias rows go to the right places; uncovered parameters get 0 or themselves."""
   params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
             "LayerNorm_0": {"scale": jnp.ones(3)}}
   tree = jax.tree.map(lambda p: normal(p.size, p.shape), params)
   a, g = spd(0, 3), spd(1, 3)
-  eig = kfac.eigen({"Dense_0": kfac.Factors(a, g)})
-  want = np.linalg.solve(np.kron(g, a) + 0.1 * np.eye(9),
+  eig = kfac.refresh_inverse({"Dense_0": kfac.Factors(a, g)}, 0.1, form)
+  if form == "factored":
+    pi = np.sqrt(np.trace(a) / np.trace(g))
+    dense = np.kron(g + np.sqrt(0.1) / pi * np.eye(3), a + pi * np.sqrt(0.1) * np.eye(3))
+  else:
+    dense = np.kron(g, a) + 0.1 * np.eye(9)
+  want = np.linalg.solve(dense,
                          vec(np.concatenate([tree["Dense_0"]["kernel"],
                                              tree["Dense_0"]["bias"][None]])))
   want = want.reshape(3, 3).T
@@ -337,9 +364,11 @@ def test_sampling_covariance_is_g_kron_a():
 # ---------------------------------------------------------------------------- EMA schedule
 
 
-def test_update_state_schedule_and_conditional_factors():
-  """EMA on steps 0, 2 (first one initialises), eigen on steps 0, 3; loss_grad_and_factors with
-  due=False returns zero factors and the same loss and gradient."""
+@pytest.mark.parametrize("init", kfac.INITS)
+def test_update_state_schedule_and_conditional_factors(init):
+  """EMA on steps 0, 2, eigen on steps 0, 3; the running factors start at the identity (the
+  first statistics step blends 0.9·I + 0.1·X) or take the first batch factors as they are;
+  loss_grad_and_factors with due=False returns zero factors and the same loss and gradient."""
   model, x, y, solved = solve("mlp")
   params, perts, batch = solved["params"], solved["perturbations"], solved["factors"]
   per_example_loss = per_example_loss_of(model)
@@ -357,11 +386,12 @@ def test_update_state_schedule_and_conditional_factors():
   assert run._cache_size() == 1
 
   names = kfac.layer_names(perts)
-  state = kfac.init_state(params, names)
+  state = kfac.init_state(params, names, init=init)
   step = jax.jit(lambda s, b: kfac.update_state(s, b, ema_decay=0.9, stats_every=2,
-                                                inverse_every=3))
+                                                inverse_every=3, init=init))
   scaled = [jax.tree.map(lambda f, c=c: c * f, batch) for c in (1.0, 2.0, 3.0, 5.0)]
-  want, eig_from = None, None
+  want = None if init == "batch" else jax.tree.map(lambda f: np.eye(f.shape[0]), batch)
+  eig_from = None
   for i, b in enumerate(scaled):
     due = bool(state.stats_due)
     assert due == (i % 2 == 0)
@@ -372,26 +402,27 @@ def test_update_state_schedule_and_conditional_factors():
       eig_from = want
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7),
                  state.factors, want)
-    for n, e in state.eigen.items():
+    for n, e in state.inverse.items():
       recon = (e.qa * e.la) @ e.qa.T
       np.testing.assert_allclose(recon, eig_from[n].a, rtol=1e-3, atol=1e-4)
   assert step._cache_size() == 1
   assert kfac.stats_due((optax.EmptyState(), {"inner": state})) is state.stats_due
 
 
-@pytest.mark.parametrize("inverse_every", [2, 4, 3])
-def test_update_state_with_a_static_schedule_equals_the_traced_one(inverse_every):
+@pytest.mark.parametrize("inverse_every,form", [(2, "exact"), (4, "exact"), (3, "factored")])
+def test_update_state_with_a_static_schedule_equals_the_traced_one(inverse_every, form):
   """``due`` given as a Python bool (the trainer knows the schedule) gives the state the traced
   schedule gives, step by step: inverse periods equal to, a multiple of, and not a multiple of
   the statistics period (the last keeps a traced choice for the inverse)."""
   model, x, y, solved = solve("mlp")
   params, batch = solved["params"], solved["factors"]
   names = kfac.layer_names(solved["perturbations"])
-  settings = dict(ema_decay=0.9, stats_every=2, inverse_every=inverse_every)
+  settings = dict(ema_decay=0.9, stats_every=2, inverse_every=inverse_every, inverse=form,
+                  damping=0.01)
   traced = jax.jit(lambda s, b: kfac.update_state(s, b, **settings))
   static = jax.jit(lambda s, b, due: kfac.update_state(s, b, due=due, **settings),
                    static_argnums=2)
-  a = b = kfac.init_state(params, names)
+  a = b = kfac.init_state(params, names, inverse=form)
   for i in range(7):
     scaled = jax.tree.map(lambda f, c=1.0 + i: c * f, batch)
     due = bool(b.stats_due)
@@ -399,10 +430,11 @@ def test_update_state_with_a_static_schedule_equals_the_traced_one(inverse_every
     a, b = traced(a, scaled), static(b, scaled, due)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7),
                  (b.step, b.factors, b.stats_due), (a.step, a.factors, a.stats_due))
-    for n in names:   # eigenvalues, and eigenvectors up to sign
-      ea, eb = a.eigen[n], b.eigen[n]
+    for n in names:   # eigenvalues, and eigenvectors up to sign (the inverses themselves)
+      ea, eb = a.inverse[n], b.inverse[n]
       for u, v in ((ea.la, eb.la), (ea.lg, eb.lg)):
         np.testing.assert_allclose(v, u, rtol=1e-5, atol=1e-6)
-      for u, v in ((ea.qa, eb.qa), (ea.qg, eb.qg)):
+      for u, v in zip(ea[::2] if form == "exact" else ea[:2], eb[::2] if form == "exact"
+                      else eb[:2]):
         np.testing.assert_allclose(np.abs(v), np.abs(u), rtol=1e-4, atol=1e-5)
   assert static._cache_size() == 2

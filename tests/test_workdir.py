@@ -72,6 +72,18 @@ def test_a_run_from_before_a_setting_existed_resumes_under_its_default(tmp_path)
     wd.prepare(str(tmp_path), {**CONFIG, "data_seed": 3}, overwrite=False, write=False)
 
 
+def test_a_run_from_before_the_kfac_settings_reads_as_the_raw_first_factors(tmp_path):
+  """A config.json without kfac.init and kfac.inverse (written before they existed) ran with the
+  running factors starting at the first batch factors and the exact inverse: it is that config,
+  and the new default (the identity start) is a different one."""
+  _old_run(tmp_path, CONFIG, None)
+  old = {**CONFIG, "kfac": {"init": "batch", "inverse": "exact"}}
+  assert wd.prepare(str(tmp_path), old, overwrite=False, write=False) == "resume"
+  with pytest.raises(ValueError, match="kfac.init: 'batch' -> 'identity'"):
+    wd.prepare(str(tmp_path), {**CONFIG, "kfac": {"init": "identity", "inverse": "exact"}},
+               overwrite=False, write=False)
+
+
 @pytest.mark.parametrize("process_index", [0, 1])
 def test_prepare_once_only_process_0_writes(process_index, tmp_path, monkeypatch):
   barriers = []

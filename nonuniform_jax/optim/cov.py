@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import optax
 
 from nonuniform_jax import checks
-from nonuniform_jax.optim.sam import add_trees
+from nonuniform_jax.optim import diagnostics
+from nonuniform_jax.optim.sam import add_trees, global_norm
 from nonuniform_jax.per_example import LossFn, example_loss, num_examples, per_example_grads
 
 
@@ -69,8 +70,13 @@ def cov_penalty_grad(per_example_loss_fn: LossFn, params, batch, n: int, lam: fl
   return jax.tree.map(lambda x: a * lam * jnp.mean(x, axis=0), h)
 
 
+DIAGNOSTICS = ("cov/grad_norm", "cov/penalty_grad_norm")
+
+
 class COVState(NamedTuple):
-  """COV keeps no state."""
+  """COV keeps no state but its last step's diagnostics (``cov/grad_norm``,
+  ``cov/penalty_grad_norm``: ``nonuniform_jax.optim.diagnostics``)."""
+  diagnostics: dict
 
 
 def cov(lam: float, n: int) -> optax.GradientTransformationExtraArgs:
@@ -95,14 +101,17 @@ def cov(lam: float, n: int) -> optax.GradientTransformationExtraArgs:
 
   def init_fn(params):
     del params
-    return COVState()
+    return COVState(diagnostics.zeros(DIAGNOSTICS))
 
   def update_fn(grads, state, params=None, *, per_example_loss_fn: LossFn, batch, **extra):
     del extra
     if params is None:
       raise ValueError("cov needs params: call tx.update(grads, state, params, "
                        "per_example_loss_fn=..., batch=...)")
+    del state
     penalty = cov_penalty_grad(per_example_loss_fn, params, batch, n, lam, batch_grad=grads)
-    return add_trees(grads, penalty), state
+    diag = diagnostics.scalars({"cov/grad_norm": global_norm(grads),
+                                "cov/penalty_grad_norm": global_norm(penalty)})
+    return add_trees(grads, penalty), COVState(diag)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

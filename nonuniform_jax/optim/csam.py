@@ -29,22 +29,28 @@ import jax.numpy as jnp
 import optax
 
 from nonuniform_jax import checks
-from nonuniform_jax.optim import kfac
-from nonuniform_jax.optim.sam import GradFn, add_trees, sam_perturbation, validate_rho
+from nonuniform_jax.optim import diagnostics, kfac
+from nonuniform_jax.optim.sam import (GradFn, add_trees, asam_scale, global_norm,
+                                      sam_perturbation, validate_rho)
 
 METRICS = ("identity", "adaptive", "kfac")
+DIAGNOSTICS = ("csam/grad_norm", "csam/eps1_norm", "csam/d_norm", "csam/d_dot_v",
+               "csam/eps2_norm")
 
 
 class CSAMState(NamedTuple):
-  """momentum: the consistent momentum m (like params); kfac: ``KFACState`` or None."""
+  """momentum: the consistent momentum m (like params); kfac: ``KFACState`` or None;
+  diagnostics: the last step's ``csam/*`` scalars (``nonuniform_jax.optim.diagnostics``)."""
   momentum: Any
   kfac: kfac.KFACState | None
+  diagnostics: dict
 
 
 def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", eta: float = 0.0,
          damping: float = 1e-3, momentum_sign: int = -1, unfactored: str = "zero",
          kfac_layers: Sequence[str] | None = None, stats_every: int = 50,
-         inverse_every: int = 50, ema_decay: float = 0.95, eps: float = 1e-12,
+         inverse_every: int = 50, ema_decay: float = 0.95, factor_init: str = "identity",
+         inverse: str = "exact", eps: float = 1e-12,
          grouped: bool = False) -> optax.GradientTransformationExtraArgs:
   """CSAM (module docstring) as an Optax transformation; chain it before the base optimizer.
 
@@ -79,6 +85,10 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
     unfactored: 'zero' or 'identity', parameters without factors under ``metric='kfac'``.
     kfac_layers: the captured layers (``kfac.layer_names(perturbations)``), for 'kfac'.
     stats_every, inverse_every, ema_decay: the factor schedule (``kfac.update_state``).
+    factor_init: 'identity' (the running factors start at I) or 'batch' (the first statistics
+      step takes the batch factors as they are): ``kfac.init_state``.
+    inverse: 'exact' (the damped eigenbasis inverse) or 'factored' (factored Tikhonov damping):
+      ``kfac.refresh_inverse``.
     eps: guards every normalisation.
     grouped: m-sharpness groups are not supported by CSAM (True raises).
   """
@@ -96,12 +106,13 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
   if metric == "kfac":
     kfac.validate_settings(damping=damping, unfactored=unfactored, layers=kfac_layers,
                            ema_decay=ema_decay, stats_every=stats_every,
-                           inverse_every=inverse_every)
+                           inverse_every=inverse_every, init=factor_init, inverse=inverse)
 
   def init_fn(params):
     momentum = jax.tree.map(jnp.zeros_like, params)
-    return CSAMState(momentum,
-                     kfac.init_state(params, kfac_layers) if metric == "kfac" else None)
+    kstate = (kfac.init_state(params, kfac_layers, init=factor_init, inverse=inverse)
+              if metric == "kfac" else None)
+    return CSAMState(momentum, kstate, diagnostics.zeros(DIAGNOSTICS))
 
   def update_fn(grads, state, params=None, *, grad_fn: GradFn, kfac_factors=None,
                 kfac_due: bool | None = None, **extra):
@@ -111,7 +122,8 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
     if metric == "kfac" and kfac_factors is None:
       raise ValueError("csam with metric='kfac' needs kfac_factors=... "
                        "(see kfac.loss_grad_and_factors)")
-    g2 = grad_fn(add_trees(params, sam_perturbation(grads, params, rho1, eps=eps)))
+    eps1 = sam_perturbation(grads, params, rho1, eps=eps)
+    g2 = grad_fn(add_trees(params, eps1))
     delta = optax.tree_utils.tree_sub(g2, grads)
     momentum = jax.tree.map(lambda m, dl: alpha * m + (1.0 - alpha) * dl, state.momentum, delta)
     d = jax.tree.map(lambda dl, m: dl + momentum_sign * m, delta, momentum)
@@ -119,13 +131,22 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
     if metric == "kfac":
       kstate = kfac.update_state(kstate, kfac_factors, ema_decay=ema_decay,
                                  stats_every=stats_every, inverse_every=inverse_every,
-                                 due=kfac_due)
-      v = kfac.precondition(d, kstate.eigen, damping, unfactored)
-      scale = rho2 / jnp.sqrt(optax.tree_utils.tree_vdot(d, v) + eps)
+                                 due=kfac_due, init=factor_init, inverse=inverse,
+                                 damping=damping)
+      v = kfac.precondition(d, kstate.inverse, damping, unfactored)
+      d_dot_v = optax.tree_utils.tree_vdot(d, v)
+      scale = rho2 / jnp.sqrt(d_dot_v + eps)
       eps2 = jax.tree.map(lambda x: scale * x, v)
     else:
       eps2 = sam_perturbation(d, params, rho2, adaptive=metric == "adaptive", eta=eta, eps=eps)
-    return grad_fn(add_trees(params, eps2)), CSAMState(momentum, kstate)
+      td = (jax.tree.map(jnp.multiply, asam_scale(params, eta), d) if metric == "adaptive"
+            else d)
+      d_dot_v = optax.tree_utils.tree_vdot(td, td)   # v = T²d: dᵀv = ‖Td‖²
+    diag = diagnostics.scalars({
+        "csam/grad_norm": global_norm(grads), "csam/eps1_norm": global_norm(eps1),
+        "csam/d_norm": global_norm(d), "csam/d_dot_v": d_dot_v,
+        "csam/eps2_norm": global_norm(eps2)})
+    return grad_fn(add_trees(params, eps2)), CSAMState(momentum, kstate, diag)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

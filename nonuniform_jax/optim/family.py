@@ -62,7 +62,8 @@ def _kfac(s: dict, context: Context) -> dict:
   k = s["kfac"]
   return dict(damping=k["damping"], stats_every=k["stats_every"],
               inverse_every=k["inverse_every"], ema_decay=k["ema_decay"],
-              unfactored=k["unfactored"], kfac_layers=context.kfac_layers)
+              unfactored=k["unfactored"], kfac_layers=context.kfac_layers,
+              factor_init=k["init"], inverse=k["inverse"])
 
 
 def _csam(s: dict, context: Context):

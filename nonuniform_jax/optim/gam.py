@@ -22,17 +22,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nonuniform_jax.optim import kfac
-from nonuniform_jax.optim.sam import GradFn, add_trees, validate_rho
+from nonuniform_jax.optim import diagnostics, kfac
+from nonuniform_jax.optim.sam import GradFn, add_trees, global_norm, validate_rho
+
+DIAGNOSTICS = ("sam/grad_norm", "sam/eps_norm", "gam/q")
 
 
 class GAMState(NamedTuple):
+  """kfac: the running factors; diagnostics: the last step's ``sam/grad_norm``,
+  ``sam/eps_norm`` and ``gam/q`` (``nonuniform_jax.optim.diagnostics``)."""
   kfac: kfac.KFACState
+  diagnostics: dict
 
 
 def gam(rho: float, *, kfac_layers: Sequence[str], damping: float = 1e-3,
         unfactored: str = "zero", stats_every: int = 50, inverse_every: int = 50,
-        ema_decay: float = 0.95, eps: float = 1e-12) -> optax.GradientTransformationExtraArgs:
+        ema_decay: float = 0.95, factor_init: str = "identity", inverse: str = "exact",
+        eps: float = 1e-12) -> optax.GradientTransformationExtraArgs:
   """GAM (module docstring) as an Optax transformation; chain it before the base optimizer.
 
   Call as ``tx.update(grads, state, params, grad_fn=grad_fn, kfac_factors=factors)`` exactly
@@ -45,15 +51,18 @@ def gam(rho: float, *, kfac_layers: Sequence[str], damping: float = 1e-3,
     damping: λ > 0.
     unfactored: 'zero' or 'identity', parameters without factors.
     stats_every, inverse_every, ema_decay: the factor schedule (``kfac.update_state``).
+    factor_init: 'identity' or 'batch', where the running factors start (``kfac.init_state``).
+    inverse: 'exact' or 'factored', the form of the damped inverse (``kfac.refresh_inverse``).
     eps: guards the normalisation.
   """
   validate_rho("rho", rho)
   kfac.validate_settings(damping=damping, unfactored=unfactored, layers=kfac_layers,
                          ema_decay=ema_decay, stats_every=stats_every,
-                         inverse_every=inverse_every)
+                         inverse_every=inverse_every, init=factor_init, inverse=inverse)
 
   def init_fn(params):
-    return GAMState(kfac.init_state(params, kfac_layers))
+    return GAMState(kfac.init_state(params, kfac_layers, init=factor_init, inverse=inverse),
+                    diagnostics.zeros(DIAGNOSTICS))
 
   def update_fn(grads, state, params=None, *, grad_fn: GradFn, kfac_factors=None,
                 kfac_due: bool | None = None, **extra):
@@ -63,12 +72,15 @@ def gam(rho: float, *, kfac_layers: Sequence[str], damping: float = 1e-3,
                        "grad_fn=..., kfac_factors=...)")
     kstate = kfac.update_state(state.kfac, kfac_factors, ema_decay=ema_decay,
                                stats_every=stats_every, inverse_every=inverse_every,
-                               due=kfac_due)
-    v = kfac.precondition(grads, kstate.eigen, damping, unfactored)
+                               due=kfac_due, init=factor_init, inverse=inverse,
+                               damping=damping)
+    v = kfac.precondition(grads, kstate.inverse, damping, unfactored)
     q = optax.tree_utils.tree_vdot(grads, v)
     r = jnp.where(1.0 - q > 0, 1.0 - q, 1.0 - jnp.exp(-q))
     scale = rho / (jnp.sqrt(q) * jnp.sqrt(r) + eps)
     perturbation = jax.tree.map(lambda x: scale * x, v)
-    return grad_fn(add_trees(params, perturbation)), GAMState(kstate)
+    diag = diagnostics.scalars({"sam/grad_norm": global_norm(grads),
+                                "sam/eps_norm": global_norm(perturbation), "gam/q": q})
+    return grad_fn(add_trees(params, perturbation)), GAMState(kstate, diag)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -62,10 +62,21 @@ class Factors(NamedTuple):
 
 
 class Eigen(NamedTuple):
-  """Eigendecompositions A = qa diag(la) qaᵀ, G = qg diag(lg) qgᵀ (eigenvalues clipped at 0)."""
+  """Eigendecompositions A = qa diag(la) qaᵀ, G = qg diag(lg) qgᵀ (eigenvalues clipped at 0):
+  the ``inverse='exact'`` form of a layer's damped inverse (``apply_inverse``)."""
   qa: jax.Array
   la: jax.Array
   qg: jax.Array
+  lg: jax.Array
+
+
+class FactoredInverse(NamedTuple):
+  """The ``inverse='factored'`` form of a layer's damped inverse: a_inv = (A + γ_A I)⁻¹,
+  g_inv = (G + γ_G I)⁻¹ (``factored_inverse``), and the eigenvalues la, lg of A and G (clipped
+  at 0) they were computed from."""
+  a_inv: jax.Array
+  g_inv: jax.Array
+  la: jax.Array
   lg: jax.Array
 
 
@@ -90,17 +101,18 @@ class Factored(NamedTuple):
 
 
 class KFACState(NamedTuple):
-  """Running Kronecker factors (EMA) and their eigendecompositions.
+  """Running Kronecker factors (EMA) and their damped inverse.
 
   step: number of ``update_state`` calls so far (int32).
   factors: ``{layer: Factors}``, the exponential moving average.
-  eigen: ``{layer: Eigen}`` of ``factors`` at the last inverse refresh.
+  inverse: ``{layer: Eigen}`` (``inverse='exact'``) or ``{layer: FactoredInverse}``
+    (``'factored'``) of ``factors`` at the last inverse refresh (``refresh_inverse``).
   stats_due: whether the next ``update_state`` refreshes the statistics (so the caller knows
     whether to capture in the clean pass: see ``stats_due`` and ``loss_grad_and_factors``).
   """
   step: jax.Array
   factors: dict
-  eigen: dict
+  inverse: dict
   stats_due: jax.Array
 
 
@@ -346,22 +358,77 @@ def effective_rank_centred(factors, mean_grads) -> dict:
   return out
 
 
+INVERSES = ("exact", "factored")
+
+
 def eigen(factors) -> dict:
-  """``{layer: Eigen}`` of ``{layer: Factors}`` (symmetric eigendecomposition, λ ≥ 0)."""
+  """``{layer: Eigen}`` of ``{layer: Factors}`` (symmetric eigendecomposition, λ ≥ 0).
+
+  One ``eigh`` call per factor, which XLA runs concurrently: on a 2-core CPU that is faster
+  than one batched call per size (``benchmarks/bench_csam.py``), and jaxlib's CPU kernel can
+  deadlock when two batched ``eigh`` calls run at once (both pool threads wait for work queued
+  behind them; jax 0.10.2).
+  """
   def decompose(m):
     lam, q = jnp.linalg.eigh(m)
     return q, jnp.maximum(lam, 0.0)
   return {name: Eigen(*decompose(f.a), *decompose(f.g)) for name, f in factors.items()}
 
 
-def apply_inverse(eigens, mats, damping: float) -> dict:
-  """``{layer: [K̄, F]}``: (G ⊗ A + λI)⁻¹ vec(D) for each layer matrix D, as a matrix::
+def pi_correction(a: jax.Array, g: jax.Array) -> jax.Array:
+  """π = sqrt((tr A / dim A) / (tr G / dim G)) (Martens & Grosse 2015, §6.3), the split of the
+  damping between the factors that minimises the norm of the factored damping's extra terms;
+  1 when either trace is 0."""
+  ta, tg = jnp.trace(a) / a.shape[0], jnp.trace(g) / g.shape[0]
+  ok = (ta > 0) & (tg > 0)
+  return jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1.0), 1.0)), 1.0)
+
+
+def factored_inverse(factors, damping: float) -> dict:
+  """``{layer: FactoredInverse}``: the factored Tikhonov damping of Martens & Grosse (2015,
+  §6.3), (G ⊗ A + λI)⁻¹ ≈ (G + γ_G I)⁻¹ ⊗ (A + γ_A I)⁻¹ with γ_A = π√λ, γ_G = √λ/π
+  (``pi_correction``; γ_A·γ_G = λ). The product of the damped factors is
+  G ⊗ A + λI + γ_G (I ⊗ A) + γ_A (G ⊗ I): more damping than λI, along the factors' own scales.
+  Computed from the eigendecompositions of ``eigen`` (so the eigenvalues, which the step
+  diagnostics report, come for free)."""
+  dec = eigen(factors)
+  out = {}
+  for name, f in factors.items():
+    e = dec[name]
+    pi = pi_correction(f.a, f.g)
+    gamma_a, gamma_g = pi * math.sqrt(damping), math.sqrt(damping) / pi
+
+    def inv(q, lam, gamma):
+      return jnp.matmul(q / (lam + gamma)[None, :], q.T, precision=HIGHEST)
+
+    out[name] = FactoredInverse(inv(e.qa, e.la, gamma_a), inv(e.qg, e.lg, gamma_g), e.la, e.lg)
+  return out
+
+
+def refresh_inverse(factors, damping: float, inverse: str = "exact") -> dict:
+  """The damped inverse of ``factors`` in the form ``inverse`` ('exact': ``eigen``;
+  'factored': ``factored_inverse``)."""
+  if inverse not in INVERSES:
+    raise ValueError(f"inverse must be one of {INVERSES}, got {inverse!r}")
+  return eigen(factors) if inverse == "exact" else factored_inverse(factors, damping)
+
+
+def apply_inverse(inverses, mats, damping: float) -> dict:
+  """``{layer: [K̄, F]}``: the damped inverse applied to each layer matrix D, as a matrix.
+
+  ``{layer: Eigen}`` (exact): (G ⊗ A + λI)⁻¹ vec(D), four products::
 
       Q_A [ (Q_Aᵀ D Q_G) ⊘ (λ_A λ_Gᵀ + λ) ] Q_Gᵀ
+
+  ``{layer: FactoredInverse}``: ((G + γ_G I)⁻¹ ⊗ (A + γ_A I)⁻¹) vec(D), two products
+  (A + γ_A I)⁻¹ D (G + γ_G I)⁻¹ (``damping`` was used when the inverse was computed).
   """
   out = {}
   for name, d in mats.items():
-    e = eigens[name]
+    e = inverses[name]
+    if isinstance(e, FactoredInverse):
+      out[name] = jnp.linalg.multi_dot([e.a_inv, d, e.g_inv], precision=HIGHEST)
+      continue
     rotated = jnp.linalg.multi_dot([e.qa.T, d, e.qg], precision=HIGHEST)
     scaled = rotated / (e.la[:, None] * e.lg[None, :] + damping)
     out[name] = jnp.linalg.multi_dot([e.qa, scaled, e.qg.T], precision=HIGHEST)
@@ -440,12 +507,13 @@ def layer_dims(params, layers) -> dict:
 UNFACTORED = ("zero", "identity")
 
 
-def precondition(tree, eigens, damping: float, unfactored: str = "zero"):
-  """v = (F + λI)⁻¹ tree on the factored layers (``apply_inverse``); on the other parameters
-  v = 0 (``unfactored='zero'``) or v = tree (``'identity'``: the metric there is I)."""
+def precondition(tree, inverses, damping: float, unfactored: str = "zero"):
+  """v = (F + λI)⁻¹ tree on the factored layers (``apply_inverse``, exact or factored by the
+  form of ``inverses``); on the other parameters v = 0 (``unfactored='zero'``) or v = tree
+  (``'identity'``: the metric there is I)."""
   if unfactored not in UNFACTORED:
     raise ValueError(f"unfactored must be one of {UNFACTORED}, got {unfactored!r}")
-  mats = apply_inverse(eigens, to_layer_matrices(tree, eigens), damping)
+  mats = apply_inverse(inverses, to_layer_matrices(tree, inverses), damping)
   fill = tree if unfactored == "identity" else jax.tree.map(jnp.zeros_like, tree)
   return from_layer_matrices(mats, fill)
 
@@ -453,25 +521,44 @@ def precondition(tree, eigens, damping: float, unfactored: str = "zero"):
 # -------------------------------------------------------------------------- EMA state
 
 
-def init_state(params, layers) -> KFACState:
-  """Zero factors for ``layers`` (see ``layer_names``) of ``params``; the first
-  ``update_state`` (step 0) always refreshes both statistics and inverse."""
+INITS = ("identity", "batch")
+
+
+def init_state(params, layers, *, init: str = "identity", inverse: str = "exact") -> KFACState:
+  """The running factors of ``layers`` (see ``layer_names``) of ``params`` before any
+  statistics: identity matrices (``init='identity'``: the first statistics step blends
+  decay·I + (1 − decay)·X, X the batch factor) or zeros (``'batch'``: the first statistics
+  step takes the batch factors as they are). The first ``update_state`` (step 0) always
+  refreshes both statistics and inverse: the inverse held until then (identity matrices, unit
+  eigenvalues, in the form ``inverse``) is never applied."""
+  if init not in INITS:
+    raise ValueError(f"init must be one of {INITS}, got {init!r}")
   dims = layer_dims(params, layers)
   dtype = jnp.result_type(*jax.tree.leaves(params))
-  factors = {n: Factors(jnp.zeros((k, k), dtype), jnp.zeros((f, f), dtype))
-             for n, (k, f) in dims.items()}
-  eigens = {n: Eigen(jnp.eye(k, dtype=dtype), jnp.zeros(k, dtype), jnp.eye(f, dtype=dtype),
-                     jnp.zeros(f, dtype)) for n, (k, f) in dims.items()}
-  return KFACState(jnp.zeros((), jnp.int32), factors, eigens, jnp.array(True))
+  make = (lambda n: jnp.eye(n, dtype=dtype)) if init == "identity" else (
+      lambda n: jnp.zeros((n, n), dtype))
+  factors = {n: Factors(make(k), make(f)) for n, (k, f) in dims.items()}
+  eye, ones = (lambda n: jnp.eye(n, dtype=dtype)), (lambda n: jnp.ones(n, dtype))
+  if inverse == "exact":
+    inverses = {n: Eigen(eye(k), ones(k), eye(f), ones(f)) for n, (k, f) in dims.items()}
+  else:
+    inverses = {n: FactoredInverse(eye(k), eye(f), ones(k), ones(f))
+                for n, (k, f) in dims.items()}
+  return KFACState(jnp.zeros((), jnp.int32), factors, inverses, jnp.array(True))
 
 
 def validate_settings(*, damping: float, unfactored: str, layers, ema_decay: float,
-                      stats_every: int, inverse_every: int) -> None:
+                      stats_every: int, inverse_every: int, init: str = "identity",
+                      inverse: str = "exact") -> None:
   """Raises ValueError on a bad K-FAC setting (before anything is traced)."""
   if not damping > 0:
     raise ValueError(f"damping must be > 0, got {damping!r}")
   if unfactored not in UNFACTORED:
     raise ValueError(f"unfactored must be one of {UNFACTORED}, got {unfactored!r}")
+  if init not in INITS:
+    raise ValueError(f"init must be one of {INITS}, got {init!r}")
+  if inverse not in INVERSES:
+    raise ValueError(f"inverse must be one of {INVERSES}, got {inverse!r}")
   if not layers or isinstance(layers, str):
     raise ValueError(f"kfac_layers must be a non-empty sequence of layer names (see "
                      f"kfac.layer_names), got {layers!r}")
@@ -483,13 +570,17 @@ def validate_settings(*, damping: float, unfactored: str, layers, ema_decay: flo
 
 
 def update_state(state: KFACState, batch, *, ema_decay: float, stats_every: int,
-                 inverse_every: int, due: bool | None = None) -> KFACState:
+                 inverse_every: int, due: bool | None = None, init: str = "identity",
+                 inverse: str = "exact", damping: float = 1e-3) -> KFACState:
   """One step of the factor schedule (pure; nothing recompiles across steps).
 
-  On steps with step % stats_every == 0: factors ← decay·factors + (1 − decay)·batch, except at
-  step 0 where factors ← batch **[ours]** (no bias towards the zero start). ``batch`` is ignored
-  on the other steps (zeros are fine there). Then, on steps with step % inverse_every == 0, the
-  eigendecompositions are recomputed from the updated factors.
+  On steps with step % stats_every == 0: factors ← decay·factors + (1 − decay)·batch, where the
+  factors start at the identity (``init='identity'``, ``init_state``), or, with
+  ``init='batch'``, factors ← batch at step 0 (no bias towards the zero start). ``batch`` is
+  ignored on the other steps (zeros are fine there). Then, on steps with step % inverse_every
+  == 0, the damped inverse is recomputed from the updated factors (``refresh_inverse`` in the
+  form ``inverse``; ``damping`` is used only by the factored form, which splits it between the
+  factors).
 
   ``due``: None reads the schedule from ``state.step`` and chooses with ``lax.cond`` (one
   program for every step). A Python bool says whether this step refreshes the statistics (it
@@ -504,34 +595,61 @@ def update_state(state: KFACState, batch, *, ema_decay: float, stats_every: int,
     raise ValueError(f"batch factors for layers {sorted(batch)} do not match the state's "
                      f"layers {sorted(state.factors)}")
   step = state.step
-  decay = jnp.where(step == 0, 0.0, ema_decay)
+  decay = jnp.where(step == 0, 0.0, ema_decay) if init == "batch" else ema_decay
 
   def ema(factors):
     return jax.tree.map(lambda old, new: decay * old + (1.0 - decay) * new, factors, batch)
 
-  def keep_eigen(_):
-    return state.eigen
+  def new_inverse(factors):
+    return refresh_inverse(factors, damping, inverse)
+
+  def keep_inverse(_):
+    return state.inverse
 
   if due is None:
     factors = lax.cond(step % stats_every == 0, ema, lambda f: f, state.factors)
   else:
     factors = ema(state.factors) if due else state.factors
   if due is not None and inverse_every % stats_every == 0 and not due:
-    eigens = state.eigen
+    inverses = state.inverse
   elif due is not None and inverse_every == stats_every:
-    eigens = eigen(factors)
+    inverses = new_inverse(factors)
   else:
-    eigens = lax.cond(step % inverse_every == 0, eigen, keep_eigen, factors)
+    inverses = lax.cond(step % inverse_every == 0, new_inverse, keep_inverse, factors)
   nxt = step + 1
-  return KFACState(nxt, factors, eigens, nxt % stats_every == 0)
+  return KFACState(nxt, factors, inverses, nxt % stats_every == 0)
+
+
+def states(opt_state) -> list:
+  """Every ``KFACState`` inside ``opt_state`` (anywhere in an ``optax.chain``), in tree order."""
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, KFACState))
+          if isinstance(s, KFACState)]
 
 
 def stats_due(opt_state) -> jax.Array:
   """Whether the optimizer holding the one ``KFACState`` inside ``opt_state`` (CSAM or GAM with
   ``metric='kfac'``, anywhere in an ``optax.chain``) refreshes its statistics on its next
   update: pass it as ``due`` to ``loss_grad_and_factors``."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, KFACState))
-           if isinstance(s, KFACState)]
+  found = states(opt_state)
   if len(found) != 1:
     raise ValueError(f"expected one KFACState in the optimizer state, found {len(found)}")
   return found[0].stats_due
+
+
+def spectrum_diagnostics(state: KFACState) -> dict:
+  """Scalars describing the damped inverse in force (see ``nonuniform_jax.optim.diagnostics``):
+  per layer ``kfac/<layer>/a_min``, ``a_max``, ``g_min``, ``g_max``, the extreme eigenvalues of
+  the running factors A and G at the last inverse refresh, and over all layers ``kfac/f_min``,
+  ``kfac/f_max``, the extreme eigenvalues of the block-diagonal F (those of G ⊗ A are the
+  products λ_A·λ_G). They change only when the inverse is refreshed."""
+  out = {}
+  lo, hi = [], []
+  for name, inv in state.inverse.items():
+    ext = {"a_min": jnp.min(inv.la), "a_max": jnp.max(inv.la), "g_min": jnp.min(inv.lg),
+           "g_max": jnp.max(inv.lg)}
+    out.update({f"kfac/{_key(name, k)}": v for k, v in ext.items()})
+    lo.append(ext["a_min"] * ext["g_min"])
+    hi.append(ext["a_max"] * ext["g_max"])
+  out["kfac/f_min"] = jnp.min(jnp.stack(lo))
+  out["kfac/f_max"] = jnp.max(jnp.stack(hi))
+  return out

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from nonuniform_jax import checks
+from nonuniform_jax.optim import diagnostics
 
 GradFn = Callable[[Any], Any]
 
@@ -76,8 +77,13 @@ def group_count(grads) -> int:
   return jax.tree.leaves(grads)[0].shape[0]
 
 
+DIAGNOSTICS = ("sam/grad_norm", "sam/eps_norm")
+
+
 class SAMState(NamedTuple):
-  """SAM keeps no state; the empty state makes it an ordinary Optax citizen."""
+  """SAM keeps no state but its last step's diagnostics (``sam/grad_norm``, ``sam/eps_norm``:
+  ``nonuniform_jax.optim.diagnostics``)."""
+  diagnostics: dict
 
 
 def sam(rho: float, *, adaptive: bool = False, eta: float = 0.0, eps: float = 1e-12,
@@ -121,18 +127,24 @@ def sam(rho: float, *, adaptive: bool = False, eta: float = 0.0, eps: float = 1e
 
   def init_fn(params):
     del params
-    return SAMState()
+    return SAMState(diagnostics.zeros(DIAGNOSTICS))
 
   def update_fn(grads, state, params=None, *, grad_fn: GradFn, **extra):
-    del extra
+    del extra, state
     if params is None:
       raise ValueError("sam needs params: call tx.update(grads, state, params, grad_fn=...)")
     if grouped:
       stacked = broadcast_to_groups(params, group_count(grads))
       eps_tree = jax.vmap(
           lambda g, p: sam_perturbation(g, p, rho, adaptive, eta, eps))(grads, stacked)
-      return grouped_mean(grad_fn(add_trees(stacked, eps_tree))), state
-    eps_tree = sam_perturbation(grads, params, rho, adaptive, eta, eps)
-    return grad_fn(add_trees(params, eps_tree)), state
+      norms = jax.vmap(lambda g, e: jnp.stack([global_norm(g), global_norm(e)]))(grads, eps_tree)
+      grad_norm, eps_norm = jnp.mean(norms, axis=0)
+      update = grouped_mean(grad_fn(add_trees(stacked, eps_tree)))
+    else:
+      eps_tree = sam_perturbation(grads, params, rho, adaptive, eta, eps)
+      grad_norm, eps_norm = global_norm(grads), global_norm(eps_tree)
+      update = grad_fn(add_trees(params, eps_tree))
+    return update, SAMState(diagnostics.scalars(
+        {"sam/grad_norm": grad_norm, "sam/eps_norm": eps_norm}))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

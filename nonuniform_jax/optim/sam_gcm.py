@@ -24,7 +24,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from nonuniform_jax import checks
-from nonuniform_jax.optim.sam import add_trees
+from nonuniform_jax.optim import diagnostics
+from nonuniform_jax.optim.sam import add_trees, global_norm
 from nonuniform_jax.pytree import parameter_count
 
 GradFn = Callable[[Any], Any]
@@ -59,7 +60,8 @@ def covariance_solve(g, per_example, xi: float):
   return vt.T @ (coef / (curvature + xi))
 
 
-def gcm_perturbation(grads, per_example_grads, rho: float, xi: float, eps: float = 1e-12):
+def gcm_perturbation(grads, per_example_grads, rho: float, xi: float, eps: float = 1e-12,
+                     with_q: bool = False):
   """ε = ρ · C⁻¹g / sqrt(gᵀC⁻¹g + eps) (module docstring).
 
   Args:
@@ -69,17 +71,25 @@ def gcm_perturbation(grads, per_example_grads, rho: float, xi: float, eps: float
     rho: radius of the ellipsoid εᵀCε ≤ ρ².
     xi: ξ > 0, the isotropic regulariser of C.
     eps: guards the normalisation.
+    with_q: also return q = gᵀC⁻¹g.
   Returns:
-    ε, a pytree like ``grads``.
+    ε, a pytree like ``grads`` (and q with ``with_q``).
   """
   g, unravel = ravel_pytree(grads)
   per_example = jax.vmap(lambda t: ravel_pytree(t)[0])(per_example_grads)
   v = covariance_solve(g, per_example, xi)
-  return unravel(rho * v / jnp.sqrt(jnp.dot(g, v) + eps))
+  q = jnp.dot(g, v)
+  perturbation = unravel(rho * v / jnp.sqrt(q + eps))
+  return (perturbation, q) if with_q else perturbation
+
+
+DIAGNOSTICS = ("sam/grad_norm", "sam/eps_norm", "sam_gcm/q")
 
 
 class SAMGCMState(NamedTuple):
-  """SAM-GCM keeps no state."""
+  """SAM-GCM keeps no state but its last step's diagnostics (``sam/grad_norm``,
+  ``sam/eps_norm``, ``sam_gcm/q``: ``nonuniform_jax.optim.diagnostics``)."""
+  diagnostics: dict
 
 
 def sam_gcm(rho: float, xi: float, *, max_params: int = 1_000_000,
@@ -112,7 +122,7 @@ def sam_gcm(rho: float, xi: float, *, max_params: int = 1_000_000,
 
   def init_fn(params):
     check_size(params, max_params)
-    return SAMGCMState()
+    return SAMGCMState(diagnostics.zeros(DIAGNOSTICS))
 
   def update_fn(grads, state, params=None, *, grad_fn: GradFn, per_example_grads, **extra):
     del extra
@@ -120,7 +130,10 @@ def sam_gcm(rho: float, xi: float, *, max_params: int = 1_000_000,
       raise ValueError("sam_gcm needs params: call tx.update(grads, state, params, grad_fn=..., "
                        "per_example_grads=...)")
     check_size(params, max_params)
-    eps_tree = gcm_perturbation(grads, per_example_grads, rho, xi, eps)
-    return grad_fn(add_trees(params, eps_tree)), state
+    del state
+    eps_tree, q = gcm_perturbation(grads, per_example_grads, rho, xi, eps, with_q=True)
+    diag = diagnostics.scalars({"sam/grad_norm": global_norm(grads),
+                                "sam/eps_norm": global_norm(eps_tree), "sam_gcm/q": q})
+    return grad_fn(add_trees(params, eps_tree)), SAMGCMState(diag)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
