@@ -191,10 +191,11 @@ def _tiny_sweep(argv) -> list[str]:
   """A sweep command at its config's ``tiny`` scale (the same members, or for the laptop study
   five, of a few steps and tiny networks)."""
   out = []
-  for arg in argv:
-    if arg.startswith("--config=") and "tiny" not in arg:
+  for i, arg in enumerate(argv):
+    if (arg.startswith("--config=") or (i and argv[i - 1] == "--config")) and "tiny" not in arg:
       arg += ",tiny" if ":" in arg else ":tiny"
     out.append(arg)
+  assert any("tiny" in arg for arg in out), f"no sweep config to make tiny in {argv}"
   return out
 
 
