@@ -223,11 +223,12 @@ def _flag(argv, name: str) -> str | None:
   return None
 
 
-def _make_logdir(argv, tmp: pathlib.Path) -> None:
-  """A plot command plots what an earlier documented command made. When that has not run
-  (the test run alone, ``-k plot``), run it first: the documented training command whose
-  --workdir is the plot's --logdir."""
-  logdir = _flag(argv, "--logdir")
+def _make_logdir(argv, tmp: pathlib.Path, flag: str = "--logdir") -> None:
+  """A plot (or measure) command reads what an earlier documented command made. When that has
+  not run (the test run alone, ``-k plot``, or on another test worker), run it first: the
+  documented training command whose --workdir is the plot's --logdir (the measure's
+  --workdir)."""
+  logdir = _flag(argv, flag)
   if logdir is None or os.path.exists(logdir):
     return
   from nonuniform_jax import main, sweep  # pylint: disable=g-import-not-at-top
@@ -308,6 +309,8 @@ def test_documented_command_runs(where, command, workdirs, monkeypatch, capsys):
         assert (workdir / "label_noise.npz").exists()
     elif module == "measure":
       from nonuniform_jax import measure  # pylint: disable=g-import-not-at-top
+      _make_logdir(argv, workdirs, "--workdir")
+      capsys.readouterr()
       status = measure.command(argv)
       assert status == 0 and "measure/" in capsys.readouterr().out
     elif module == "sweep":   # every dataset mocked: the tiny members train, or only emit
