@@ -40,8 +40,11 @@ EXIT_INTERRUPTED = 130
 
 def _drop_disk_full(record: logging.LogRecord) -> bool:
   """Orbax logs a full disk from each of its writer threads, with tracebacks; ``guarded`` says
-  it once, in one line."""
+  it once, in one line. And it warns when it looks for the metadata of a checkpoint still being
+  written (its temporary folder), which is not missing but not yet there."""
   text = record.getMessage() + (f" {record.exc_info[1]}" if record.exc_info else "")
+  if "Metadata file does not exist" in text and ".orbax-checkpoint-tmp" in text:
+    return False
   return "No space left on device" not in text
 
 
@@ -64,6 +67,7 @@ def quiet_logs() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("absl").addFilter(_drop_disk_full)   # handlers added later see it too
   for handler in logging.getLogger().handlers:
     handler.addFilter(_drop_disk_full)
   default_hook = sys.unraisablehook

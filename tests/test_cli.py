@@ -140,3 +140,21 @@ def test_divergence_exits_3_and_measure_runs_on_a_finished_run(tmp_path):
   bad = command("measure", f"--workdir={tmp_path / 'd'}", "--measures=hessian_trace",
                 "--set=hessian_trace.num_probes=many")
   assert "is not a JSON value" in one_line_error(bad)
+
+
+def test_orbax_noise_about_a_checkpoint_being_written_is_dropped(caplog):
+  """Orbax warns that the metadata of a checkpoint still in its temporary folder does not exist
+  (another thread looked while it was written); other warnings, and the same one about a real
+  checkpoint, still show."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_logs()
+  absl_logger = logging.getLogger("absl")
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    absl_logger.warning("Metadata file does not exist: %s",
+                        "/w/checkpoints/1500.orbax-checkpoint-tmp/_CHECKPOINT_METADATA")
+    absl_logger.warning("Metadata file does not exist: %s", "/w/checkpoints/1500/_METADATA")
+    absl_logger.warning("something else")
+  messages = [r.getMessage() for r in caplog.records]
+  assert messages == ["Metadata file does not exist: /w/checkpoints/1500/_METADATA",
+                      "something else"], messages
