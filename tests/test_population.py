@@ -230,3 +230,30 @@ def test_stretches_end_at_events_and_refresh_steps_alone():
   assert stretches == [(0, 1, True), (1, 4, False), (4, 5, True), (5, 8, False), (8, 9, True),
                        (9, 10, False), (10, 12, False), (12, 13, True), (13, 15, False),
                        (15, 16, False), (16, 17, True), (17, 20, False)]
+
+
+def test_a_cnn_population_steps_members_one_after_another_and_equals_separate_runs(tmp_path):
+  """On a CPU a convolutional model's members step by lax.map inside the compiled step; they
+  still write what their separate runs write."""
+  def cnn_config(seed, rate):
+    c = config(seed=seed, **{"optimizer.learning_rate": rate})
+    c.model = {"name": "cnn", "channels": (4,), "hidden": 8}
+    c.measures.names = ()
+    c.label_noise.kind, c.label_noise.rate = "none", 0.0
+    return c
+  members = [plan.read(cnn_config(0, 0.1)), plan.read(cnn_config(1, 0.05))]
+  assert population.steps_one_after_another(members[0])
+  assert not population.steps_one_after_another(plans()[0])
+  together = [str(tmp_path / f"member{i}") for i in range(2)]
+  population.train_population(members, together)
+  for i, p in enumerate(members):
+    alone = str(tmp_path / f"alone{i}")
+    train.train(p, alone)
+    for a, b in zip(jax.tree.leaves(params(together[i])), jax.tree.leaves(params(alone))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for got, want in zip(lines(os.path.join(together[i], "metrics.jsonl")),
+                         lines(os.path.join(alone, "metrics.jsonl"))):
+      assert set(got) == set(want)
+      for key in want:
+        if "time" not in key:
+          close(got[key], want[key], key)

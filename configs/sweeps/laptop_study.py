@@ -9,7 +9,7 @@ with an MLP 40-64-64-10, 1,500 steps, and configs/sweeps/common.py's laptop meas
 measure on 512 training examples, fewer iterations). Varied:
 
 * a grid over eight networks — MNIST-1D MLPs of depth 2 and 3 and width 64 and 128, a 1-D CNN
-  (channels 16, 32, hidden 64; 22,826 parameters), and on the digits an MLP 64-64, an MLP
+  (channels 8, 16, hidden 32; 5,914 parameters), and on the digits an MLP 64-64, an MLP
   128-128-128 and the same CNN in 2-D — × optimizer (SGD; SAM ρ = 0.05 and 0.1; CSAM ρ1 = 0.1,
   ρ2 = 0.2, α = 0.9) × learning rate {0.05, 0.2} × batch {32, 128} × weight decay {0, 5e-4} ×
   symmetric label noise {0, 0.2}: 512 settings;
@@ -33,7 +33,7 @@ import ml_collections
 common = runpy.run_path(str(pathlib.Path(__file__).resolve().with_name("common.py")))
 
 MLP_64 = {"name": "mlp", "widths": (64, 64)}
-CNN = {"name": "cnn", "channels": (16, 32), "hidden": 64}
+CNN = {"name": "cnn", "channels": (8, 16), "hidden": 32}
 NETWORKS = (("mnist1d", MLP_64), ("mnist1d", {"name": "mlp", "widths": (128, 128)}),
             ("mnist1d", {"name": "mlp", "widths": (64, 64, 64)}),
             ("mnist1d", {"name": "mlp", "widths": (128, 128, 128)}), ("mnist1d", CNN),
