@@ -81,7 +81,7 @@ def solve(name, batch=None):
         params=params, perturbations=perts, out=out,
         brute=jax.vmap(lambda g: kfac.to_layer_matrices(g, names))(brute),
         brute_tree=brute,
-        per_example=kfac.per_example_grads(out.captures),
+        per_example=kfac.per_example_layer_grads(out.captures),
         norms=kfac.per_example_sq_norms(out.captures),
         means=kfac.mean_grads(out.captures),
         grads=kfac.to_layer_matrices(out.grads, names),
@@ -255,7 +255,7 @@ def test_location_approximation_is_g_kron_a():
   @jax.jit
   def run(p, q):
     caps = kfac.loss_grad_and_captures(per_example_loss, p, q).captures
-    return kfac.per_example_grads(caps)[""], kfac.batch_factors(caps)[""]
+    return kfac.per_example_layer_grads(caps)[""], kfac.batch_factors(caps)[""]
 
   grads, f = run(params, perts)
   grads = np.asarray(grads, np.float64)

@@ -100,3 +100,24 @@ def test_a_bfloat16_run_follows_the_float32_loss_curve(tmp_path):
   assert np.any(bf16 != f32)   # it did run in another precision
   assert json.loads((tmp_path / "bfloat16" / "config.json").read_text())["precision"] == \
       "bfloat16"
+
+
+def test_kronecker_factors_of_bfloat16_captures_are_float32():
+  """A bfloat16 model's captures (activations, output gradients) give float32 factors and
+  per-example layer gradients, equal to those of the same numbers upcast first; accumulated in
+  bfloat16 the factors would differ by bfloat16's 3 significant digits."""
+  from nonuniform_jax.optim import kfac  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(3), 2)
+  x = jax.random.normal(keys[0], (64, 1, 33)).astype(jnp.bfloat16)
+  s = jax.random.normal(keys[1], (64, 1, 17)).astype(jnp.bfloat16)
+  got = kfac.batch_factors({"l": kfac.LayerCapture(x, s)})["l"]
+  x32, s32 = x.astype(jnp.float32), s.astype(jnp.float32)
+  want_a = np.einsum("btk,btl->kl", np.asarray(x32, np.float64), np.asarray(x32, np.float64)) / 64
+  want_g = np.einsum("btf,btg->fg", np.asarray(s32, np.float64), np.asarray(s32, np.float64)) / 64
+  assert got.a.dtype == got.g.dtype == jnp.float32
+  np.testing.assert_allclose(got.a, want_a, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.g, want_g, rtol=1e-5, atol=1e-5)
+  per_example = kfac.per_example_layer_grads({"l": kfac.LayerCapture(x, s)})["l"]
+  assert per_example.dtype == jnp.float32
+  np.testing.assert_allclose(per_example, np.einsum("btk,btf->bkf", x32, s32), rtol=1e-5,
+                             atol=1e-5)

@@ -247,11 +247,17 @@ def loss_grad_and_factors(per_example_loss_fn: Callable, params, perturbations, 
 # ------------------------------------------------------------- exact per-example quantities
 
 
-def per_example_grads(captures) -> dict:
+def per_example_layer_grads(captures) -> dict:
   """``{layer: [B, K̄, F]}``: ∇D_i = Σ_t x̄_{i,t} s_{i,t}ᵀ (rows: kernel.reshape(K, F), then
   the bias)."""
-  return {name: jnp.einsum("btk,btf->bkf", c.inputs, c.out_grads, precision=HIGHEST)
+  return {name: jnp.einsum("btk,btf->bkf", _f32(c.inputs), _f32(c.out_grads), precision=HIGHEST)
           for name, c in captures.items()}
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  """Captures of a bfloat16 model in float32: the factors, their inverses and every product
+  with them are float32 whatever the model's precision."""
+  return x.astype(jnp.float32)
 
 
 def per_example_sq_norms(captures) -> dict:
@@ -269,7 +275,7 @@ def per_example_sq_norms(captures) -> dict:
       ss = jnp.einsum("btf,buf->btu", c.out_grads, c.out_grads, precision=HIGHEST)
       norms[name] = jnp.sum(xx * ss, axis=(1, 2))
     else:
-      norms[name] = jnp.sum(per_example_grads({name: c})[name] ** 2, axis=(1, 2))
+      norms[name] = jnp.sum(per_example_layer_grads({name: c})[name] ** 2, axis=(1, 2))
   return norms
 
 
@@ -326,9 +332,9 @@ def batch_factors(captures) -> dict:
   out = {}
   for name, c in captures.items():
     b, t, _ = c.inputs.shape
-    out[name] = Factors(
-        jnp.einsum("btk,btl->kl", c.inputs, c.inputs, precision=HIGHEST) / b,
-        jnp.einsum("btf,btg->fg", c.out_grads, c.out_grads, precision=HIGHEST) / (b * t))
+    x, s = _f32(c.inputs), _f32(c.out_grads)
+    out[name] = Factors(jnp.einsum("btk,btl->kl", x, x, precision=HIGHEST) / b,
+                        jnp.einsum("btf,btg->fg", s, s, precision=HIGHEST) / (b * t))
   return out
 
 
