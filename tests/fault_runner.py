@@ -66,6 +66,9 @@ def install(fault: str) -> None:
 
 
 if __name__ == "__main__":
+  # Ctrl-C as in a terminal's foreground: a test worker (pytest-xdist) starts its children with
+  # SIGINT ignored, as a shell does for background jobs, and Python then keeps ignoring it.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   fault, sep, *args = sys.argv[1:]
   assert sep == "--", "usage: fault_runner.py FAULT -- ARGS"
   from nonuniform_jax import main  # pylint: disable=g-import-not-at-top
