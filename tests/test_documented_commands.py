@@ -345,6 +345,9 @@ def test_documented_command_runs(where, command, workdirs, monkeypatch, capsys):
   if program.startswith("launch/"):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env, "DRY_RUN": "1", "SETUP": "0"}
     args = _rewrite_workdirs(words, workdirs)
+    # The launchers take the workdir as a positional argument: it too goes to the test's folder,
+    # not into the repository.
+    args = [str(workdirs / a.replace("/", "_")) if a.startswith("workdirs/") else a for a in args]
     if program == "launch/gpu.sh":   # runs here on the CPU, without installing CUDA, on mock data
       env["PYTHONPATH"] = f"{ROOT / 'tests' / 'mock_tfds'}:{ROOT}"
       env["NONUNIFORM_JAX_MOCK_TFDS"] = "1"
