@@ -38,6 +38,7 @@ from flax import traverse_util
 from jax import lax
 
 from nonuniform_jax.models.layers import INPUTS, NORM_OUTPUTS, NORMALIZED, OUTPUTS
+from nonuniform_jax.pytree import layer_params
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -456,21 +457,12 @@ def sample(eigens, key) -> dict:
 # ------------------------------------------------------------------ parameter pytrees
 
 
-def _layer_params(tree, name: str):
-  sub = tree
-  for key in name.split("/") if name else ():
-    if key not in sub:
-      raise ValueError(f"layer {name!r} has no parameters in this tree (missing {key!r})")
-    sub = sub[key]
-  return sub
-
-
 def to_layer_matrices(tree, layers) -> dict:
   """``{layer: [K̄, F]}``: each layer's [kernel.reshape(K, F); bias] from a tree shaped like the
   parameters."""
   out = {}
   for name in layers:
-    sub = _layer_params(tree, name)
+    sub = layer_params(tree, name)
     kernel = sub["kernel"]
     mat = kernel.reshape(-1, kernel.shape[-1])
     out[name] = jnp.concatenate([mat, sub["bias"][None]], 0) if "bias" in sub else mat
@@ -495,7 +487,7 @@ def covered(params, layers):
   flat = traverse_util.flatten_dict(params, sep="/")
   names = set()
   for name in layers:
-    _layer_params(params, name)
+    layer_params(params, name)
     names.update(k for k in (_key(name, "kernel"), _key(name, "bias")) if k in flat)
   return traverse_util.unflatten_dict({k: k in names for k in flat}, sep="/")
 
@@ -504,7 +496,7 @@ def layer_dims(params, layers) -> dict:
   """``{layer: (K̄, F)}`` from the parameter shapes."""
   out = {}
   for name in layers:
-    sub = _layer_params(params, name)
+    sub = layer_params(params, name)
     kernel = sub["kernel"]
     out[name] = (math.prod(kernel.shape[:-1]) + ("bias" in sub), kernel.shape[-1])
   return out
