@@ -112,8 +112,8 @@ def run(quick: bool, cases=tuple(CASES)) -> list[dict]:
                          f"over {n_steps} steps{quick_note}"})
     for form in FORMS:
       tx = optax.chain(optim.csam(0.1, 0.2, 0.9, metric="kfac",
-                                  kfac_layers=kfac.layer_names(perts), stats_every=PERIOD,
-                                  inverse_every=PERIOD, inverse=form), base())
+                                  kfac_layers=kfac.layer_names(perts), inverse=form,
+                                  schedule=kfac.Schedule(PERIOD, PERIOD)), base())
       jitted = jax.jit(steps.make_train_step(model, tx, seed=0, passes=3,
                                              extra_args=("kfac_factors",)),
                        static_argnames=("kfac_due",), donate_argnums=0)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from nonuniform_jax import checks, data, evaluators, models, objective, pytree
-from nonuniform_jax.optim import base, family
+from nonuniform_jax.optim import base, family, kfac
 
 # Settings that may be infinite: an ℓ∞ ball's p.
 INFINITE_ALLOWED = ("measures.settings.worst_case_sharpness.p",)
@@ -61,7 +61,7 @@ class Optimizer:
   needs: tuple                  # what the step hands tx.update besides grad_fn
   weight_decay_in_loss: bool    # SAM's weight_decay_in_perturbation
   l2: float                     # the L2 coefficient inside the loss (0 otherwise)
-  kfac_stats_every: int | None  # the K-FAC statistics period, when the step captures factors
+  kfac_schedule: kfac.Schedule | None   # the optimizer's K-FAC schedule, when the step captures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +347,7 @@ def read(config: ml_collections.ConfigDict) -> Plan:
       name=config.optimizer.name, entry=entry, settings=settings, passes=entry.passes,
       needs=needs, weight_decay_in_loss=in_loss,
       l2=config.optimizer.weight_decay if in_loss else 0.0,
-      kfac_stats_every=config.kfac.stats_every if "kfac_factors" in needs else None)
+      kfac_schedule=family.kfac_schedule(settings) if "kfac_factors" in needs else None)
   data_plan = Data(
       dataset=config.dataset, data_dir=config.data_dir, augment=config.augment,
       image_size=config.image_size, num_train_examples=config.num_train_examples,

@@ -377,14 +377,14 @@ def _stretches(plan: plan_lib.Plan, first: int, last: int, events: list[int]):
   """(start, end, kfac_due) of the stretches of steps between ``first`` and ``last``: each ends
   at an event; with K-FAC statistics, each step that refreshes them is a stretch of its own
   (its program computes the statistics, the others' do not: ``steps.make_train_step``)."""
-  every = plan.optimizer.kfac_stats_every
+  schedule = plan.optimizer.kfac_schedule
   cuts = set(events)
-  if every:
-    cuts |= {s for s in range(first + 1, last + 1) if (s - 1) % every == 0}
-    cuts |= {s - 1 for s in range(first + 1, last + 1) if (s - 1) % every == 0 and s - 1 > first}
+  refresh = ({s for s in range(first + 1, last + 1) if schedule.stats_due(s - 1)}
+             if schedule else set())
+  cuts |= refresh | {s - 1 for s in refresh if s - 1 > first}
   out, a = [], first
   for b in sorted(cuts):
-    out.append((a, b, ((b - 1) % every == 0 and b - a == 1) if every else None))
+    out.append((a, b, (b in refresh and b - a == 1) if schedule else None))
     a = b
   return out
 

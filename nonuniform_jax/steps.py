@@ -96,8 +96,9 @@ def make_train_step(model, tx, *, seed: int, label_smoothing: float = 0.0, l2: f
   a Python bool known to the caller (jit it as a static argument: two programs, each with only
   its own pass), or None to read it from the optimizer state and choose with ``lax.cond`` (one
   program). XLA:CPU runs convolutions inside a conditional many times slower (measured 26x on
-  ResNet-20), so the trainer passes the bool; it must equal ``kfac.stats_due(opt_state)``,
-  i.e. ``update_index % stats_every == 0``. It goes on to ``tx.update`` as ``kfac_due``, so the
+  ResNet-20), so the trainer passes the bool, from the optimizer's ``kfac.Schedule``
+  (``plan.Optimizer.kfac_schedule.stats_due(update_index)``); it must equal
+  ``kfac.stats_due(opt_state)``. It goes on to ``tx.update`` as ``kfac_due``, so the
   factor schedule's conditionals are chosen while tracing too where the periods allow
   (``kfac.update_state``; all of them with the default equal periods).
 

@@ -252,15 +252,16 @@ def _loop(plan: plan_lib.Plan, run: Run, state, start: int, ckpts, rec) -> int |
   batches = data.prefetch_to_device(
       run.datasets.train.train_batches(plan.batch_size, plan.data.seed, start), 2,
       parallel.batch_sharding(run.mesh))
-  stats_every = plan.optimizer.kfac_stats_every
+  kfac_schedule = plan.optimizer.kfac_schedule
   window, window_start, window_time, done = [], start, time.time(), start
   try:
     for step in range(start + 1, run.num_steps + 1):
       if parallel.stop_requested(step - start):
         raise KeyboardInterrupt("SIGTERM")
-      # K-FAC statistics refresh on update indices 0, stats_every, ...: told to the step as a
-      # static bool (two programs) rather than a traced lax.cond, which XLA:CPU runs slower.
-      due = (step - 1) % stats_every == 0 if stats_every else None
+      # Whether update step - 1 refreshes the K-FAC statistics, from the optimizer's own
+      # schedule: told to the step as a static bool (two programs) rather than a traced
+      # lax.cond, which XLA:CPU runs slower.
+      due = kfac_schedule.stats_due(step - 1) if kfac_schedule else None
       state, step_metrics = train_step(state, next(batches), due)
       window.append(step_metrics)
       done, last = step, step == run.num_steps

@@ -31,9 +31,9 @@ def run_csam(problem, metric, sign=-1, unfactored="zero", init="identity", form=
   final state, plus the compiled step (to count compilations)."""
   tx = optax.chain(optim.csam(RHO1, RHO2, ALPHA, metric=metric, eta=ETA, damping=DAMPING,
                               momentum_sign=sign, unfactored=unfactored,
-                              kfac_layers=problem.layers, stats_every=STATS_EVERY,
-                              inverse_every=INVERSE_EVERY, ema_decay=DECAY, factor_init=init,
-                              inverse=form),
+                              kfac_layers=problem.layers,
+                              schedule=kfac.Schedule(STATS_EVERY, INVERSE_EVERY, DECAY),
+                              factor_init=init, inverse=form),
                    optax.sgd(LR))
 
   @jax.jit
@@ -183,8 +183,11 @@ def test_bad_arguments_raise_before_compilation(problem):
     optim.csam(0.1, 0.2, 0.9, metric="kfac")
   with pytest.raises(ValueError, match="damping"):
     optim.csam(0.1, 0.2, 0.9, metric="kfac", damping=0.0, kfac_layers=problem.layers)
-  with pytest.raises(ValueError, match="stats_every"):
-    optim.csam(0.1, 0.2, 0.9, metric="kfac", stats_every=0, kfac_layers=problem.layers)
+  with pytest.raises(ValueError, match="stats_every must be an integer >= 1, got 0"):
+    optim.csam(0.1, 0.2, 0.9, metric="kfac", schedule=kfac.Schedule(stats_every=0),
+               kfac_layers=problem.layers)
+  with pytest.raises(ValueError, match="schedule must be a kfac.Schedule"):
+    optim.csam(0.1, 0.2, 0.9, metric="kfac", schedule=50, kfac_layers=problem.layers)
   with pytest.raises(ValueError, match="init must be one of .*identity.*batch.*'zeros'"):
     optim.csam(0.1, 0.2, 0.9, metric="kfac", factor_init="zeros", kfac_layers=problem.layers)
   with pytest.raises(ValueError, match="inverse must be one of .*exact.*factored.*'cholesky'"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nonuniform_jax import checkpoints, plan, train
-from nonuniform_jax.optim import family
+from nonuniform_jax.optim import family, kfac
 from tests.test_train import read_lines, small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,6 +32,21 @@ def test_every_entry_trains_through_the_trainer(name, tmp_path):
   final = checkpoints.read_state(str(tmp_path))["params"]
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(final),
                                                    jax.tree.leaves(init)))
+
+
+@pytest.mark.parametrize("name,metric", [("csam", "kfac"), ("gam", "identity"),
+                                         ("csam", "identity"), ("sam", "identity")])
+def test_the_loop_reads_the_optimizers_kfac_schedule(name, metric):
+  """The plan holds the ``kfac.Schedule`` that ``family`` builds the optimizer with (one
+  function, ``family.kfac_schedule``), only when the step captures the factors."""
+  config = small_config(**{"optimizer.name": name, "csam.metric": metric,
+                           "kfac.stats_every": 3, "kfac.inverse_every": 6,
+                           "kfac.ema_decay": 0.9})
+  p = plan.read(config)
+  captures = "kfac_factors" in p.optimizer.needs
+  assert captures == (name == "gam" or metric == "kfac")
+  assert p.optimizer.kfac_schedule == (kfac.Schedule(3, 6, 0.9) if captures else None)
+  assert family.kfac_schedule(p.optimizer.settings) == kfac.Schedule(3, 6, 0.9)
 
 
 def test_the_trainer_names_no_optimizer():

@@ -10,6 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from nonuniform_jax import optim
+from nonuniform_jax.optim import kfac
 from tests.kfac_reference import Problem, dense_inverse
 
 RHO, DAMPING = 0.05, 1e-2
@@ -73,7 +74,8 @@ def test_gam_matches_the_reference_on_both_branches(problem, unfactored, init, f
 def test_gam_identity_init_blends_the_first_factors(problem):
   """The default init: the first step's metric is built from decay·I + (1 − decay)·X."""
   batch = jax.tree.map(np.asarray, problem.batch_factors(problem.params))
-  tx = optim.gam(RHO, kfac_layers=problem.layers, damping=DAMPING, ema_decay=0.95)
+  tx = optim.gam(RHO, kfac_layers=problem.layers, damping=DAMPING,
+                 schedule=kfac.Schedule(ema_decay=0.95))
 
   @jax.jit
   def first_point(state, factors):

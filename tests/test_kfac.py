@@ -387,8 +387,8 @@ def test_update_state_schedule_and_conditional_factors(init):
 
   names = kfac.layer_names(perts)
   state = kfac.init_state(params, names, init=init)
-  step = jax.jit(lambda s, b: kfac.update_state(s, b, ema_decay=0.9, stats_every=2,
-                                                inverse_every=3, init=init))
+  step = jax.jit(lambda s, b: kfac.update_state(s, b, kfac.Schedule(2, 3, 0.9),
+                                                init=init))
   scaled = [jax.tree.map(lambda f, c=c: c * f, batch) for c in (1.0, 2.0, 3.0, 5.0)]
   want = None if init == "batch" else jax.tree.map(lambda f: np.eye(f.shape[0]), batch)
   eig_from = None
@@ -417,10 +417,10 @@ def test_update_state_with_a_static_schedule_equals_the_traced_one(inverse_every
   model, x, y, solved = solve("mlp")
   params, batch = solved["params"], solved["factors"]
   names = kfac.layer_names(solved["perturbations"])
-  settings = dict(ema_decay=0.9, stats_every=2, inverse_every=inverse_every, inverse=form,
-                  damping=0.01)
-  traced = jax.jit(lambda s, b: kfac.update_state(s, b, **settings))
-  static = jax.jit(lambda s, b, due: kfac.update_state(s, b, due=due, **settings),
+  schedule = kfac.Schedule(2, inverse_every, 0.9)
+  settings = dict(inverse=form, damping=0.01)
+  traced = jax.jit(lambda s, b: kfac.update_state(s, b, schedule, **settings))
+  static = jax.jit(lambda s, b, due: kfac.update_state(s, b, schedule, due=due, **settings),
                    static_argnums=2)
   a = b = kfac.init_state(params, names, inverse=form)
   for i in range(7):
@@ -438,3 +438,20 @@ def test_update_state_with_a_static_schedule_equals_the_traced_one(inverse_every
                       else eb[:2]):
         np.testing.assert_allclose(np.abs(v), np.abs(u), rtol=1e-4, atol=1e-5)
   assert static._cache_size() == 2
+
+
+def test_schedule_answers_alike_for_the_loop_and_inside_the_step():
+  """``Schedule.stats_due``/``inverse_due`` on a Python int (the trainer's loop) and on a traced
+  one (``update_state`` inside the step) agree; its settings are checked where it is made."""
+  schedule = kfac.Schedule(3, 6, 0.9)
+  assert [schedule.stats_due(i) for i in range(8)] == [i % 3 == 0 for i in range(8)]
+  assert [schedule.inverse_due(i) for i in range(8)] == [i % 6 == 0 for i in range(8)]
+  traced = jax.jit(lambda i: (schedule.stats_due(i), schedule.inverse_due(i)))
+  for i in range(8):
+    assert tuple(bool(x) for x in traced(i)) == (schedule.stats_due(i), schedule.inverse_due(i))
+  assert schedule.inverse_only_with_stats and not kfac.Schedule(2, 3).inverse_only_with_stats
+  for bad, match in (((0, 50), "stats_every must be an integer >= 1, got 0"),
+                     ((50, 2.5), "inverse_every must be an integer >= 1, got 2.5"),
+                     ((50, 50, 1.0), r"ema_decay must be in \[0, 1\), got 1.0")):
+    with pytest.raises(ValueError, match=match):
+      kfac.Schedule(*bad)

@@ -79,7 +79,7 @@ def test_csam_kfac_norms_and_spectra_by_hand(problem, init):
   (1 − decay)·X, or X) from numpy's eigvalsh; and ‖ε2‖ within its bound ρ2/√(f_min + λ)."""
   batch = jax.tree.map(np.asarray, problem.batch_factors(problem.params))
   tx = optim.csam(RHO1, RHO2, ALPHA, metric="kfac", damping=DAMPING, kfac_layers=problem.layers,
-                  ema_decay=DECAY, factor_init=init)
+                  schedule=kfac.Schedule(ema_decay=DECAY), factor_init=init)
   diag = optim.step_diagnostics(first_step(problem, tx, kfac_factors=batch))
 
   flat = np.asarray(ravel_pytree(problem.params)[0], np.float64)

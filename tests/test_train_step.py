@@ -161,7 +161,7 @@ def test_csam_kfac_step_captures_in_the_clean_pass():
   model, batch, variables = setup()
   params, stats = variables["params"], variables["batch_stats"]
   perts = zero_perturbations(model, variables, batch["inputs"], train=True)
-  tx = optax.chain(optim.csam(0.05, 0.1, 0.9, metric="kfac", stats_every=1, inverse_every=1,
+  tx = optax.chain(optim.csam(0.05, 0.1, 0.9, metric="kfac", schedule=kfac.Schedule(1, 1),
                               kfac_layers=kfac.layer_names(perts)), optax.sgd(LR))
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                            opt_state=tx.init(params))
@@ -251,8 +251,8 @@ def test_kfac_due_as_a_static_bool_equals_the_traced_choice(inverse_every):
   model, batch, variables = setup()
   perts = zero_perturbations(model, variables, batch["inputs"], train=True)
   every = 2
-  tx = optax.chain(optim.csam(0.05, 0.1, 0.9, metric="kfac", stats_every=every,
-                              inverse_every=inverse_every,
+  tx = optax.chain(optim.csam(0.05, 0.1, 0.9, metric="kfac",
+                              schedule=kfac.Schedule(every, inverse_every),
                               kfac_layers=kfac.layer_names(perts)), optax.sgd(LR))
   make = lambda: steps.make_train_step(model, tx, seed=0, passes=3, extra_args=("kfac_factors",))
   traced = jax.jit(make())

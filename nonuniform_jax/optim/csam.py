@@ -48,8 +48,8 @@ class CSAMState(NamedTuple):
 
 def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", eta: float = 0.0,
          damping: float = 1e-3, momentum_sign: int = -1, unfactored: str = "zero",
-         kfac_layers: Sequence[str] | None = None, stats_every: int = 50,
-         inverse_every: int = 50, ema_decay: float = 0.95, factor_init: str = "identity",
+         kfac_layers: Sequence[str] | None = None,
+         schedule: kfac.Schedule = kfac.Schedule(), factor_init: str = "identity",
          inverse: str = "exact", eps: float = 1e-12,
          grouped: bool = False) -> optax.GradientTransformationExtraArgs:
   """CSAM (module docstring) as an Optax transformation; chain it before the base optimizer.
@@ -84,7 +84,8 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
     momentum_sign: −1 for d = δ − m (default), +1 for d = δ + m.
     unfactored: 'zero' or 'identity', parameters without factors under ``metric='kfac'``.
     kfac_layers: the captured layers (``kfac.layer_names(perturbations)``), for 'kfac'.
-    stats_every, inverse_every, ema_decay: the factor schedule (``kfac.update_state``).
+    schedule: when the statistics and the inverse refresh, and the running factors' decay
+      (``kfac.Schedule``; the trainer's loop reads the same object to know which steps capture).
     factor_init: 'identity' (the running factors start at I) or 'batch' (the first statistics
       step takes the batch factors as they are): ``kfac.init_state``.
     inverse: 'exact' (the damped eigenbasis inverse) or 'factored' (factored Tikhonov damping):
@@ -105,8 +106,7 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
     raise ValueError("csam does not support grouped (m-sharpness) mode; use grouped=False")
   if metric == "kfac":
     kfac.validate_settings(damping=damping, unfactored=unfactored, layers=kfac_layers,
-                           ema_decay=ema_decay, stats_every=stats_every,
-                           inverse_every=inverse_every, init=factor_init, inverse=inverse)
+                           init=factor_init, inverse=inverse, schedule=schedule)
 
   def init_fn(params):
     momentum = jax.tree.map(jnp.zeros_like, params)
@@ -129,10 +129,8 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
     d = jax.tree.map(lambda dl, m: dl + momentum_sign * m, delta, momentum)
     kstate = state.kfac
     if metric == "kfac":
-      kstate = kfac.update_state(kstate, kfac_factors, ema_decay=ema_decay,
-                                 stats_every=stats_every, inverse_every=inverse_every,
-                                 due=kfac_due, init=factor_init, inverse=inverse,
-                                 damping=damping)
+      kstate = kfac.update_state(kstate, kfac_factors, schedule, due=kfac_due,
+                                 init=factor_init, inverse=inverse, damping=damping)
       v = kfac.precondition(d, kstate.inverse, damping, unfactored)
       d_dot_v = optax.tree_utils.tree_vdot(d, v)
       scale = rho2 / jnp.sqrt(d_dot_v + eps)

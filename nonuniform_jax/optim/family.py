@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Sequence
 import optax
 
 from nonuniform_jax import checks
-from nonuniform_jax.optim import base
+from nonuniform_jax.optim import base, kfac
 from nonuniform_jax.optim.cov import cov
 from nonuniform_jax.optim.csam import csam
 from nonuniform_jax.optim.gam import gam
@@ -58,12 +58,17 @@ class Entry:
     return self.build is not None
 
 
+def kfac_schedule(settings: dict) -> kfac.Schedule:
+  """The K-FAC ``Schedule`` of the settings' ``kfac`` group: the optimizer is built with it and
+  the trainer's loop reads it (``plan.Optimizer.kfac_schedule``) to know which steps capture."""
+  k = settings["kfac"]
+  return kfac.Schedule(k["stats_every"], k["inverse_every"], k["ema_decay"])
+
+
 def _kfac(s: dict, context: Context) -> dict:
   k = s["kfac"]
-  return dict(damping=k["damping"], stats_every=k["stats_every"],
-              inverse_every=k["inverse_every"], ema_decay=k["ema_decay"],
-              unfactored=k["unfactored"], kfac_layers=context.kfac_layers,
-              factor_init=k["init"], inverse=k["inverse"])
+  return dict(damping=k["damping"], schedule=kfac_schedule(s), unfactored=k["unfactored"],
+              kfac_layers=context.kfac_layers, factor_init=k["init"], inverse=k["inverse"])
 
 
 def _csam(s: dict, context: Context):

@@ -36,8 +36,8 @@ class GAMState(NamedTuple):
 
 
 def gam(rho: float, *, kfac_layers: Sequence[str], damping: float = 1e-3,
-        unfactored: str = "zero", stats_every: int = 50, inverse_every: int = 50,
-        ema_decay: float = 0.95, factor_init: str = "identity", inverse: str = "exact",
+        unfactored: str = "zero", schedule: kfac.Schedule = kfac.Schedule(),
+        factor_init: str = "identity", inverse: str = "exact",
         eps: float = 1e-12) -> optax.GradientTransformationExtraArgs:
   """GAM (module docstring) as an Optax transformation; chain it before the base optimizer.
 
@@ -50,15 +50,15 @@ def gam(rho: float, *, kfac_layers: Sequence[str], damping: float = 1e-3,
     kfac_layers: the captured layers (``kfac.layer_names(perturbations)``).
     damping: λ > 0.
     unfactored: 'zero' or 'identity', parameters without factors.
-    stats_every, inverse_every, ema_decay: the factor schedule (``kfac.update_state``).
+    schedule: when the statistics and the inverse refresh, and the running factors' decay
+      (``kfac.Schedule``; the trainer's loop reads the same object to know which steps capture).
     factor_init: 'identity' or 'batch', where the running factors start (``kfac.init_state``).
     inverse: 'exact' or 'factored', the form of the damped inverse (``kfac.refresh_inverse``).
     eps: guards the normalisation.
   """
   validate_rho("rho", rho)
   kfac.validate_settings(damping=damping, unfactored=unfactored, layers=kfac_layers,
-                         ema_decay=ema_decay, stats_every=stats_every,
-                         inverse_every=inverse_every, init=factor_init, inverse=inverse)
+                         init=factor_init, inverse=inverse, schedule=schedule)
 
   def init_fn(params):
     return GAMState(kfac.init_state(params, kfac_layers, init=factor_init, inverse=inverse),
@@ -70,10 +70,8 @@ def gam(rho: float, *, kfac_layers: Sequence[str], damping: float = 1e-3,
     if params is None or kfac_factors is None:
       raise ValueError("gam needs params and kfac_factors: call tx.update(grads, state, params, "
                        "grad_fn=..., kfac_factors=...)")
-    kstate = kfac.update_state(state.kfac, kfac_factors, ema_decay=ema_decay,
-                               stats_every=stats_every, inverse_every=inverse_every,
-                               due=kfac_due, init=factor_init, inverse=inverse,
-                               damping=damping)
+    kstate = kfac.update_state(state.kfac, kfac_factors, schedule, due=kfac_due,
+                               init=factor_init, inverse=inverse, damping=damping)
     v = kfac.precondition(grads, kstate.inverse, damping, unfactored)
     q = optax.tree_utils.tree_vdot(grads, v)
     r = jnp.where(1.0 - q > 0, 1.0 - q, 1.0 - jnp.exp(-q))

@@ -29,6 +29,7 @@ Layers are named by their module path joined with '/', e.g. ``'Dense_0'`` or
 ``'Block_1/Conv_0'``; parameter trees are Flax nested dicts.
 """
 
+import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -545,10 +546,10 @@ def init_state(params, layers, *, init: str = "identity", inverse: str = "exact"
   return KFACState(jnp.zeros((), jnp.int32), factors, inverses, jnp.array(True))
 
 
-def validate_settings(*, damping: float, unfactored: str, layers, ema_decay: float,
-                      stats_every: int, inverse_every: int, init: str = "identity",
-                      inverse: str = "exact") -> None:
-  """Raises ValueError on a bad K-FAC setting (before anything is traced)."""
+def validate_settings(*, damping: float, unfactored: str, layers, init: str = "identity",
+                      inverse: str = "exact", schedule=None) -> None:
+  """Raises ValueError on a bad K-FAC setting (before anything is traced); the schedule's own
+  settings are checked by ``Schedule``."""
   if not damping > 0:
     raise ValueError(f"damping must be > 0, got {damping!r}")
   if unfactored not in UNFACTORED:
@@ -560,31 +561,68 @@ def validate_settings(*, damping: float, unfactored: str, layers, ema_decay: flo
   if not layers or isinstance(layers, str):
     raise ValueError(f"kfac_layers must be a non-empty sequence of layer names (see "
                      f"kfac.layer_names), got {layers!r}")
-  if not 0.0 <= ema_decay < 1.0:
-    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
-  for name, value in (("stats_every", stats_every), ("inverse_every", inverse_every)):
-    if not (isinstance(value, int) and value >= 1):
-      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+  if schedule is not None and not isinstance(schedule, Schedule):
+    raise ValueError(f"schedule must be a kfac.Schedule(stats_every, inverse_every, "
+                     f"ema_decay), got {schedule!r}")
 
 
-def update_state(state: KFACState, batch, *, ema_decay: float, stats_every: int,
-                 inverse_every: int, due: bool | None = None, init: str = "identity",
-                 inverse: str = "exact", damping: float = 1e-3) -> KFACState:
-  """One step of the factor schedule (pure; nothing recompiles across steps).
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """When the running factors take in a batch's statistics and when their damped inverse is
+  recomputed, and how fast the running factors forget: the one description that both the
+  optimizer (``update_state``) and a training loop (which steps must capture the statistics:
+  ``stats_due``) read.
 
-  On steps with step % stats_every == 0: factors ← decay·factors + (1 − decay)·batch, where the
-  factors start at the identity (``init='identity'``, ``init_state``), or, with
-  ``init='batch'``, factors ← batch at step 0 (no bias towards the zero start). ``batch`` is
-  ignored on the other steps (zeros are fine there). Then, on steps with step % inverse_every
-  == 0, the damped inverse is recomputed from the updated factors (``refresh_inverse`` in the
-  form ``inverse``; ``damping`` is used only by the factored form, which splits it between the
-  factors).
+  Steps are the optimizer's update indices, counted from 0: the statistics refresh on 0,
+  ``stats_every``, 2·``stats_every``, …, the inverse on 0, ``inverse_every``, …; a refresh blends
+  factors ← ``ema_decay``·factors + (1 − ``ema_decay``)·batch. ``stats_due`` and
+  ``inverse_due`` take a Python int (the loop) or a traced one (inside the step).
+  """
+  stats_every: int = 50
+  inverse_every: int = 50
+  ema_decay: float = 0.95
+
+  def __post_init__(self):
+    for name in ("stats_every", "inverse_every"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+
+  def stats_due(self, index):
+    """Whether update ``index`` refreshes the statistics (the step must capture them)."""
+    return index % self.stats_every == 0
+
+  def inverse_due(self, index):
+    """Whether update ``index`` recomputes the damped inverse (after its statistics)."""
+    return index % self.inverse_every == 0
+
+  @property
+  def inverse_only_with_stats(self) -> bool:
+    """Every inverse refresh falls on a statistics refresh (``inverse_every`` is a multiple of
+    ``stats_every``): a step without statistics never recomputes the inverse."""
+    return self.inverse_every % self.stats_every == 0
+
+
+def update_state(state: KFACState, batch, schedule: Schedule, *, due: bool | None = None,
+                 init: str = "identity", inverse: str = "exact",
+                 damping: float = 1e-3) -> KFACState:
+  """One step of the factor ``schedule`` (pure; nothing recompiles across steps).
+
+  On a statistics step (``schedule.stats_due(state.step)``): factors ← decay·factors +
+  (1 − decay)·batch, where the factors start at the identity (``init='identity'``,
+  ``init_state``), or, with ``init='batch'``, factors ← batch at step 0 (no bias towards the zero
+  start). ``batch`` is ignored on the other steps (zeros are fine there). Then, on an inverse
+  step (``schedule.inverse_due``), the damped inverse is recomputed from the updated factors
+  (``refresh_inverse`` in the form ``inverse``; ``damping`` is used only by the factored form,
+  which splits it between the factors).
 
   ``due``: None reads the schedule from ``state.step`` and chooses with ``lax.cond`` (one
   program for every step). A Python bool says whether this step refreshes the statistics (it
-  must equal ``stats_due(...)`` before the update, i.e. step % stats_every == 0): the
-  statistics branch is then chosen while tracing. The inverse branch is chosen while tracing
-  too on a step without statistics when ``inverse_every`` is a multiple of ``stats_every`` (it
+  must equal ``schedule.stats_due`` of the step, i.e. ``stats_due(opt_state)`` before the
+  update): the statistics branch is then chosen while tracing. The inverse branch is chosen
+  while tracing too on a step without statistics when ``schedule.inverse_only_with_stats`` (it
   cannot be due there), and on a step with them when the two periods are equal (it is due
   there); otherwise it stays a ``lax.cond``. With the default equal periods a step that does not
   refresh carries the state through untouched, with no conditional.
@@ -593,7 +631,8 @@ def update_state(state: KFACState, batch, *, ema_decay: float, stats_every: int,
     raise ValueError(f"batch factors for layers {sorted(batch)} do not match the state's "
                      f"layers {sorted(state.factors)}")
   step = state.step
-  decay = jnp.where(step == 0, 0.0, ema_decay) if init == "batch" else ema_decay
+  decay = (jnp.where(step == 0, 0.0, schedule.ema_decay) if init == "batch"
+           else schedule.ema_decay)
 
   def ema(factors):
     return jax.tree.map(lambda old, new: decay * old + (1.0 - decay) * new, factors, batch)
@@ -605,17 +644,17 @@ def update_state(state: KFACState, batch, *, ema_decay: float, stats_every: int,
     return state.inverse
 
   if due is None:
-    factors = lax.cond(step % stats_every == 0, ema, lambda f: f, state.factors)
+    factors = lax.cond(schedule.stats_due(step), ema, lambda f: f, state.factors)
   else:
     factors = ema(state.factors) if due else state.factors
-  if due is not None and inverse_every % stats_every == 0 and not due:
+  if due is not None and schedule.inverse_only_with_stats and not due:
     inverses = state.inverse
-  elif due is not None and inverse_every == stats_every:
+  elif due is not None and schedule.inverse_every == schedule.stats_every:
     inverses = new_inverse(factors)
   else:
-    inverses = lax.cond(step % inverse_every == 0, new_inverse, keep_inverse, factors)
+    inverses = lax.cond(schedule.inverse_due(step), new_inverse, keep_inverse, factors)
   nxt = step + 1
-  return KFACState(nxt, factors, inverses, nxt % stats_every == 0)
+  return KFACState(nxt, factors, inverses, schedule.stats_due(nxt))
 
 
 def states(opt_state) -> list:
