@@ -107,14 +107,14 @@ class Objective:
     """The training loss per example with the K-FAC captures, in the form
     ``kfac.loss_grad_and_factors`` takes: ``(losses [b], kfac collection, (logits, new
     batch_stats))``."""
-    mutable = ["kfac"] + (["batch_stats"] if batch_stats else [])
+    mutable = [layers.KFAC] + (["batch_stats"] if batch_stats else [])
     logits, state = self.model.apply(_variables(self._cast(params), batch_stats,
                                                 perturbations=perturbations),
                                      self._cast(batch["inputs"]), train=True,
                                      rngs={"dropout": rng}, mutable=mutable)
     losses = self._penalised(cross_entropy(logits, batch["labels"], self.label_smoothing),
                              params)
-    return losses, state["kfac"], (logits, state.get("batch_stats", batch_stats))
+    return losses, state[layers.KFAC], (logits, state.get("batch_stats", batch_stats))
 
   def zero_perturbations(self, params, batch_stats, inputs, rng):
     """Zeros shaped (and typed) like the captured layers' outputs in training mode
@@ -174,10 +174,10 @@ class Objective:
       train = bn_train and bool(batch_stats)
       logits, state = model.apply(_variables(params, batch_stats, perturbations=perturbations),
                                   batch["inputs"], train=train,
-                                  mutable=["kfac"] + (["batch_stats"] if train else []))
+                                  mutable=[layers.KFAC] + (["batch_stats"] if train else []))
       losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                                batch["labels"])
-      return losses, state["kfac"]
+      return losses, state[layers.KFAC]
 
     def perturbations_fn(batch_stats, params, batch):   # shapes only: jax.eval_shape inside
       return layers.zero_perturbations(model, _variables(params, batch_stats), batch["inputs"],

@@ -111,8 +111,8 @@ LAYERS = [
     ("steps", "evaluators"),
     ("objective", "measures"),
     ("optim",),
-    ("models", "data", "kfac"),
-    ("checks", "workdir", "parallel", "per_example", "pytree"),
+    ("models", "data"),
+    ("checks", "workdir", "parallel", "per_example", "pytree", "capture"),
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -46,14 +46,9 @@ import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 from jax import lax
 
-KFAC = "kfac"
-PERTURBATIONS = "perturbations"
-INPUTS = "inputs"
-OUTPUTS = "outputs"
-# BatchNorm (running statistics): the normalised input x̂ and the output perturbation, under
-# names of their own so that K-FAC (``kfac.layer_names``) never takes it for a Kronecker layer.
-NORMALIZED = "normalized"
-NORM_OUTPUTS = "norm_outputs"
+# The collections and names of the capture (``nonuniform_jax.capture``, read by K-FAC).
+from nonuniform_jax.capture import (INPUTS, KFAC, NORM_OUTPUTS, NORMALIZED, OUTPUTS,
+                                    PERTURBATIONS)
 
 
 def _store_once(previous, value):

@@ -4,7 +4,8 @@ Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximat
 (ICML 2015); Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for convolution
 layers" (ICML 2016); used by the paper's CSAM ("Kronecker-factored approximate variance").
 
-Captures (``nonuniform_jax.models.layers``): for a layer with stacked parameters
+Captures (made by ``nonuniform_jax.models.layers`` under the names of
+``nonuniform_jax.capture``): for a layer with stacked parameters
 D = [kernel.reshape(K, F); bias] ∈ R^{K̄×F}, example i and location t (conv output position or
 token; T = 1 for a plain Dense layer), x̄_{i,t} ∈ R^{K̄} is the input (patch) with a trailing 1
 when the layer has a bias and s_{i,t} = ∂ℓ_i/∂y_{i,t} ∈ R^F. Exactly::
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax import lax
 
-from nonuniform_jax.models.layers import INPUTS, NORM_OUTPUTS, NORMALIZED, OUTPUTS
+from nonuniform_jax.capture import INPUTS, NORM_OUTPUTS, NORMALIZED, OUTPUTS
 from nonuniform_jax.pytree import layer_params
 
 HIGHEST = lax.Precision.HIGHEST
