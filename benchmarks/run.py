@@ -68,6 +68,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   sys.path.insert(0, str(ROOT))
   import jax  # pylint: disable=g-import-not-at-top
+  from nonuniform_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.single_blas_thread()   # as the commands run (cli.as_program)
 
   rows = []
   for name in _modules(set(filter(None, args.only.split(",")))):

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import threading
 
+from nonuniform_jax import parallel
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")    # TensorFlow's start-up notices
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # its oneDNN banner (printed twice)
 
@@ -111,8 +113,10 @@ def as_program() -> None:
   """Marks this process as running a command (``python -m nonuniform_jax.X``): SIGTERM
   (a scheduler's preemption, ``timeout``, ``kill``) then stops it as Ctrl-C does — the run
   finishes the checkpoint it is writing and exits with 130 — and ``fail`` may end a process
-  whose shutdown hangs."""
+  whose shutdown hangs. BLAS runs single-threaded (``parallel.single_blas_thread``: XLA has the
+  cores)."""
   _PROGRAM.append(True)
+  parallel.single_blas_thread()
 
   def handler(signum, frame):
     del signum, frame

@@ -75,6 +75,24 @@ def reserve_cpu_threads(environ=None) -> None:
 reserve_cpu_threads()
 
 
+def single_blas_thread():
+  """Limits the BLAS libraries of this process (OpenBLAS, which jax's CPU LAPACK calls run on)
+  to one thread each; returns the ``threadpoolctl`` limiter (``.restore_original_limits()``,
+  or use it as a context manager).
+
+  A LAPACK call inside an XLA:CPU program (the eigendecompositions of the K-FAC refresh,
+  ``jnp.linalg.eigh``) runs on OpenBLAS's threads, which then contend for the cores with XLA's
+  own pool, whose threads keep spinning for a while after each program. On a 2-core machine
+  the refresh step of CSAM-K-FAC on the default MLP took 14-36 ms with two OpenBLAS threads
+  (the more steps ran before it, the slower) against 9 ms with one, and the refresh's
+  eigendecompositions alone 26 ms after 49 ordinary steps against 7 ms. The command-line entry
+  points call this at start (``cli.as_program``); a program of one's own may call it too.
+  """
+  import scipy.linalg.cython_lapack  # noqa: F401  (jax's CPU LAPACK: load it before limiting)
+  import threadpoolctl
+  return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+
+
 def data_mesh(devices=None) -> Mesh:
   """A one-dimensional mesh over ``devices`` (default: every device of every process).
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.test_train import final_params, read_lines, small_config
-from nonuniform_jax import data, train
+from nonuniform_jax import data, parallel, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="runs in the 8-device subprocess")
@@ -160,3 +160,21 @@ def test_mismatched_batch_or_m_is_a_clear_error(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=None) as info:
     train.train_and_evaluate(_config(**overrides), str(tmp_path))
   assert message in str(info.value)
+
+
+def test_single_blas_thread_limits_the_lapack_jax_calls_and_restores():
+  """``parallel.single_blas_thread`` (called by every command) sets every BLAS the process
+  loaded, jax's CPU LAPACK (scipy's OpenBLAS) included, to one thread; the limiter restores."""
+  import threadpoolctl  # pylint: disable=g-import-not-at-top
+  before = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+            if i["user_api"] == "blas"}
+  limiter = parallel.single_blas_thread()
+  try:
+    info = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert any("scipy" in i["filepath"] for i in info)   # the library jax's eigh runs on
+    assert {i["num_threads"] for i in info} == {1}
+  finally:
+    limiter.restore_original_limits()
+  after = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+           if i["user_api"] == "blas"}
+  assert {k: v for k, v in after.items() if k in before} == before
