@@ -18,7 +18,6 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import sys
 import threading
 import zlib
@@ -28,6 +27,7 @@ from etils import epath
 import jax
 import numpy as np
 
+from nonuniform_jax import parallel
 from nonuniform_jax.workdir import CHECKPOINT_DIR, CORRUPT_DIR
 
 META_FORMAT = 1
@@ -93,7 +93,7 @@ class Checkpoints:
     writes in the background; :meth:`wait` finishes it)."""
     ocp = self._ocp
     meta = {**meta, "format": META_FORMAT, "step": step, "checksums": checksums(state)}
-    with signals_held():
+    with parallel.signals_held():
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)))
 
@@ -189,34 +189,6 @@ class Checkpoints:
       self._manager.wait_until_finished()
       self._manager.close()
       self._manager = None
-
-
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def signals_held():
-  """Holds Ctrl-C and SIGTERM back until the block ends, then delivers them again to this
-  process under the handlers in force before (a no-op outside the main thread, where no handler
-  runs). An Orbax save interrupted halfway has started background writes that
-  ``wait_until_finished`` does not know of: the interrupted run then exited while they ran, and
-  they failed at interpreter shutdown ("cannot schedule new futures after interpreter
-  shutdown"), leaving their step unfinished. A signal ignored before stays ignored."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  received = []
-  held = {s: signal.getsignal(s) for s in HELD_SIGNALS}
-  held = {s: h for s, h in held.items() if h is not signal.SIG_IGN and h is not None}
-  for s in held:
-    signal.signal(s, lambda signum, frame: received.append(signum))
-  try:
-    yield
-  finally:
-    for s, handler in held.items():
-      signal.signal(s, handler)
-    for s in dict.fromkeys(received):
-      os.kill(os.getpid(), s)
 
 
 def _short(error: Exception) -> str:

@@ -19,6 +19,7 @@ never need more than twice the local devices, so this module asks for that many 
 """
 
 import atexit
+import contextlib
 import os
 import re
 import signal
@@ -73,6 +74,35 @@ def reserve_cpu_threads(environ=None) -> None:
 
 
 reserve_cpu_threads()
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held():
+  """Holds Ctrl-C and SIGTERM back until the block ends, then delivers them again to this
+  process under the handlers in force before (a no-op outside the main thread, where no handler
+  runs); a signal ignored before stays ignored. For what must not stop halfway: an Orbax save
+  interrupted inside its call had started background writes that ``wait_until_finished`` did
+  not know of, which failed at interpreter shutdown ("cannot schedule new futures after
+  interpreter shutdown"); a worker process started while the sweep was being stopped was never
+  told to stop (``checkpoints.Checkpoints.save``, ``sweep``)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  held = {s: signal.getsignal(s) for s in HELD_SIGNALS}
+  held = {s: h for s, h in held.items() if h is not signal.SIG_IGN and h is not None}
+  for s in held:
+    signal.signal(s, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    for s, handler in held.items():
+      signal.signal(s, handler)
+    for s in dict.fromkeys(received):
+      os.kill(os.getpid(), s)
 
 
 def single_blas_thread():

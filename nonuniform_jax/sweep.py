@@ -79,7 +79,7 @@ from absl import flags  # pylint: disable=g-bad-import-order,wrong-import-positi
 from etils import epath  # pylint: disable=g-bad-import-order,wrong-import-position
 
 # pylint: disable=g-bad-import-order,wrong-import-position
-from nonuniform_jax import sweep_config, workdir as wd
+from nonuniform_jax import parallel, sweep_config, workdir as wd
 
 USAGE = ("usage: python -m nonuniform_jax.sweep --config configs/sweeps/NAME.py[:VARIANT] "
          "--workdir DIR [--workers N] [--emit slurm|tpu_vm] [--config.KEY=VALUE ...]")
@@ -391,12 +391,13 @@ def _run_workers(args: Args, members, shards) -> dict:
   (SIGTERM: each finishes the checkpoint it is writing), and then ends this command."""
   before = [_ended(args.workdir, m) for m in members]
   processes = []
-  for i, shard in enumerate(shards):
-    if shard:
-      processes.append(subprocess.Popen(
-          [sys.executable, "-m", "nonuniform_jax.sweep",
-           *_sweep_words(args), f"--shard={i}/{len(shards)}"], start_new_session=True))
   try:
+    for i, shard in enumerate(shards):
+      if shard:
+        with parallel.signals_held():   # no worker started that the stop below does not know
+          processes.append(subprocess.Popen(
+              [sys.executable, "-m", "nonuniform_jax.sweep",
+               *_sweep_words(args), f"--shard={i}/{len(shards)}"], start_new_session=True))
     statuses = [p.wait() for p in processes]
   except KeyboardInterrupt:
     for p in processes:

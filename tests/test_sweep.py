@@ -417,3 +417,33 @@ def test_a_paper_sweep_emitted_for_slurm_runs_a_shard_on_mock_data(tmp_path, cap
   summary = json.loads(summaries[0].read_text())
   assert summary["status"] == "completed" and summary["config"]["dataset"] == "cifar10"
   assert summary["config"]["optimizer"]["name"] == "sgd" and "gradient_noise" in summary["measures"]
+
+
+def test_a_stop_while_workers_start_stops_the_ones_started(tmp_path, monkeypatch):
+  """SIGTERM arriving while ``--workers`` starts its worker processes is held until the start
+  returns, so the worker is in the list the stop is passed to; raised inside the start, it left
+  a worker that trained on alone (seen: 24 minutes after its sweep was stopped)."""
+  def interrupt(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+  started = []
+  real_popen = subprocess.Popen
+
+  def popen_with_a_signal(command, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)   # a handler that runs now interrupts the start halfway
+    started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+    return started[-1]
+
+  monkeypatch.setattr(sweep.subprocess, "Popen", popen_with_a_signal)
+  args = sweep.Args(spec="configs/sweeps/laptop_study.py:tiny", sweep=None,
+                    workdir=str(tmp_path), workers=2, emit=None, shard=None, overrides=())
+  previous = signal.signal(signal.SIGTERM, interrupt)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      sweep._run_workers(args, [], [[0], [1]])
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    for p in started:
+      if p.poll() is None:
+        p.kill()
+  assert len(started) == 1 and started[0].returncode == -signal.SIGTERM
