@@ -77,6 +77,9 @@ reserve_cpu_threads()
 
 
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Set once JAX's preemption service holds SIGTERM (``initialize_distributed``): its handler is
+# installed beneath Python's, which ``signal.signal`` would replace for good.
+_PREEMPTION_SERVICE = []
 
 
 @contextlib.contextmanager
@@ -88,7 +91,9 @@ def signals_held():
   not know of, which failed at interpreter shutdown ("cannot schedule new futures after
   interpreter shutdown"); a worker process started while the sweep was being stopped was never
   told to stop (``checkpoints.Checkpoints.save``, ``sweep``)."""
-  if threading.current_thread() is not threading.main_thread():
+  if threading.current_thread() is not threading.main_thread() or _PREEMPTION_SERVICE:
+    # (With several processes the signals go to JAX's preemption service, and the loop stops
+    # every process at the same step boundary: never inside a save.)
     yield
     return
   received = []
@@ -192,6 +197,7 @@ def initialize_distributed(environ=None, on_peer_lost: Callable[[str], None] | N
   jax.distributed.initialize(**where, heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT_S,
                              shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
   signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+  _PREEMPTION_SERVICE.append(True)
   _PeerWatch(on_peer_lost or _exit_lost).start()
   return True
 
