@@ -93,7 +93,10 @@ def _closest_key(dotted: str) -> str | None:
 def _unknown_setting(argv, text: str) -> str:
   """The one-line message for an override naming a key the config lacks, with the closest
   existing key."""
-  missing = re.search(r"'([^'\s]+)'", text)
+  # ml_collections' text quotes the key, escaped once or twice over (repr inside repr).
+  plain = text.replace("\\", "")
+  missing = (re.search(r'instead of "([A-Za-z_]\w*)"', plain)
+             or re.search(r"'([A-Za-z_]\w*)'", plain))
   key = missing.group(1) if missing else None
   overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
   override = next((o for o in overrides if key and key in o.split(".")), None)

@@ -63,6 +63,16 @@ def test_a_normal_run_says_what_runs_and_prints_no_banners(tmp_path):
      "has no such key (did you mean --config.optimizer.name?)"),
     (["--config.unknown=1"], "error: unknown setting --config.unknown: the config has no such "
      "key;"),
+    # with other overrides beside it (ml_collections then quotes the key twice over)
+    (["--config.num_steps=20", "--config.kfac.stats_evry=5", "--config.log_every=5"],
+     "error: unknown setting --config.kfac.stats_evry: the config has no such key (did you mean "
+     "--config.kfac.stats_every?)"),
+    # K-FAC settings are checked, and named, whatever the optimizer
+    (["--config.kfac.stats_every=0"], "error: kfac.stats_every must be an integer >= 1, got 0"),
+    (["--config.kfac.inverse=cholesky"], "error: kfac.inverse must be one of ('exact', "
+     "'factored'), got 'cholesky'"),
+    (["--config.optimizer.name=csam", "--config.csam.metric=kfac", "--config.kfac.ema_decay=1.0"],
+     "error: kfac.ema_decay must be a number in [0, 1), got 1.0"),
     (["--config.num_epochs=nan"], "error: num_epochs must be a finite number, got nan"),
     (["--config.schedule.step_factor=nan"], "error: schedule.step_factor must be a finite number"),
     (["--config.model.widths=(0,)"], "error: model 'mlp': widths=(0,) must hold sizes >= 1"),
