@@ -324,6 +324,7 @@ def read(config: ml_collections.ConfigDict) -> Plan:
   config_dict = json.loads(json.dumps(config.to_dict(), default=str))
   _check_optimizer(config)
   settings = _groups(config_dict, family.SETTING_GROUPS)
+  family.check_kfac(settings)
   if family.get(config.optimizer.name).is_family:
     checks.non_negative("sam.rho", config.sam.rho)
   entry = family.check(config.optimizer.name, settings)

@@ -186,8 +186,10 @@ def test_bad_arguments_raise_before_compilation(problem):
   with pytest.raises(ValueError, match="stats_every must be an integer >= 1, got 0"):
     optim.csam(0.1, 0.2, 0.9, metric="kfac", schedule=kfac.Schedule(stats_every=0),
                kfac_layers=problem.layers)
-  with pytest.raises(ValueError, match="schedule must be a kfac.Schedule"):
-    optim.csam(0.1, 0.2, 0.9, metric="kfac", schedule=50, kfac_layers=problem.layers)
+  for metric in ("kfac", "identity"):
+    for schedule in (50, None):
+      with pytest.raises(ValueError, match="schedule must be a kfac.Schedule"):
+        optim.csam(0.1, 0.2, 0.9, metric=metric, schedule=schedule, kfac_layers=problem.layers)
   with pytest.raises(ValueError, match="init must be one of .*identity.*batch.*'zeros'"):
     optim.csam(0.1, 0.2, 0.9, metric="kfac", factor_init="zeros", kfac_layers=problem.layers)
   with pytest.raises(ValueError, match="inverse must be one of .*exact.*factored.*'cholesky'"):

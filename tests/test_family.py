@@ -47,6 +47,9 @@ def test_the_loop_reads_the_optimizers_kfac_schedule(name, metric):
   assert captures == (name == "gam" or metric == "kfac")
   assert p.optimizer.kfac_schedule == (kfac.Schedule(3, 6, 0.9) if captures else None)
   assert family.kfac_schedule(p.optimizer.settings) == kfac.Schedule(3, 6, 0.9)
+  # and the start-up line shows the K-FAC settings where they are used
+  line = family.describe(p.optimizer.name, p.optimizer.settings)
+  assert ("kfac.stats_every=3 kfac.unfactored=zero" in line) == captures, line
 
 
 def test_the_trainer_names_no_optimizer():

@@ -452,6 +452,10 @@ def test_schedule_answers_alike_for_the_loop_and_inside_the_step():
   assert schedule.inverse_only_with_stats and not kfac.Schedule(2, 3).inverse_only_with_stats
   for bad, match in (((0, 50), "stats_every must be an integer >= 1, got 0"),
                      ((50, 2.5), "inverse_every must be an integer >= 1, got 2.5"),
-                     ((50, 50, 1.0), r"ema_decay must be in \[0, 1\), got 1.0")):
+                     ((50, 50, 1.0), r"ema_decay must be a number in \[0, 1\), got 1.0"),
+                     ((50, 50, "0.9"), r"ema_decay must be a number in \[0, 1\), got '0.9'"),
+                     ((50, 50, None), r"ema_decay must be a number in \[0, 1\), got None")):
     with pytest.raises(ValueError, match=match):
       kfac.Schedule(*bad)
+  assert kfac.Schedule(np.int64(5)) == kfac.Schedule(5)   # numpy integers are integers
+  assert type(kfac.Schedule(np.int64(5)).stats_every) is int

@@ -104,6 +104,9 @@ def csam(rho1: float, rho2: float, alpha: float, *, metric: str = "identity", et
                      f"{momentum_sign!r}")
   if grouped:
     raise ValueError("csam does not support grouped (m-sharpness) mode; use grouped=False")
+  if not isinstance(schedule, kfac.Schedule):
+    raise ValueError(f"schedule must be a kfac.Schedule(stats_every, inverse_every, "
+                     f"ema_decay), got {schedule!r}")
   if metric == "kfac":
     kfac.validate_settings(damping=damping, unfactored=unfactored, layers=kfac_layers,
                            init=factor_init, inverse=inverse, schedule=schedule)

@@ -65,6 +65,21 @@ def kfac_schedule(settings: dict) -> kfac.Schedule:
   return kfac.Schedule(k["stats_every"], k["inverse_every"], k["ema_decay"])
 
 
+def check_kfac(settings: dict) -> None:
+  """The settings' ``kfac`` group checked whatever the optimizer (it is refused even where it
+  is not read), in a one-line ValueError that names the key: ``kfac.stats_every must be an
+  integer >= 1, got 0``."""
+  if "kfac" not in settings:
+    return
+  k = settings["kfac"]
+  try:
+    kfac.validate_settings(damping=k["damping"], unfactored=k["unfactored"], layers=("probe",),
+                           init=k["init"], inverse=k["inverse"],
+                           schedule=kfac_schedule(settings))
+  except ValueError as e:
+    raise ValueError(f"kfac.{e}") from None
+
+
 def _kfac(s: dict, context: Context) -> dict:
   k = s["kfac"]
   return dict(damping=k["damping"], schedule=kfac_schedule(s), unfactored=k["unfactored"],
@@ -148,6 +163,8 @@ def describe(name: str, settings: dict) -> str:
     group, _, leaf = key.partition(".")
     if leaf != "*" and group != "optimizer":
       shown.append(f"{leaf}={settings[group][leaf]}")
+  if "kfac_factors" in entry.needs(settings):   # the K-FAC group, named with its keys
+    shown.append("kfac." + " kfac.".join(f"{k}={v}" for k, v in settings["kfac"].items()))
   return f"{name} ({' '.join(shown)}) over {base_text}"
 
 

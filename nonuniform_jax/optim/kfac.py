@@ -32,6 +32,7 @@ Layers are named by their module path joined with '/', e.g. ``'Dense_0'`` or
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -547,8 +548,8 @@ def init_state(params, layers, *, init: str = "identity", inverse: str = "exact"
   return KFACState(jnp.zeros((), jnp.int32), factors, inverses, jnp.array(True))
 
 
-def validate_settings(*, damping: float, unfactored: str, layers, init: str = "identity",
-                      inverse: str = "exact", schedule=None) -> None:
+def validate_settings(*, damping: float, unfactored: str, layers, schedule,
+                      init: str = "identity", inverse: str = "exact") -> None:
   """Raises ValueError on a bad K-FAC setting (before anything is traced); the schedule's own
   settings are checked by ``Schedule``."""
   if not damping > 0:
@@ -562,7 +563,7 @@ def validate_settings(*, damping: float, unfactored: str, layers, init: str = "i
   if not layers or isinstance(layers, str):
     raise ValueError(f"kfac_layers must be a non-empty sequence of layer names (see "
                      f"kfac.layer_names), got {layers!r}")
-  if schedule is not None and not isinstance(schedule, Schedule):
+  if not isinstance(schedule, Schedule):
     raise ValueError(f"schedule must be a kfac.Schedule(stats_every, inverse_every, "
                      f"ema_decay), got {schedule!r}")
 
@@ -586,10 +587,15 @@ class Schedule:
   def __post_init__(self):
     for name in ("stats_every", "inverse_every"):
       value = getattr(self, name)
-      if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+      if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+              and value >= 1):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not 0.0 <= self.ema_decay < 1.0:
-      raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+      object.__setattr__(self, name, int(value))
+    decay = self.ema_decay
+    if not (isinstance(decay, numbers.Real) and not isinstance(decay, bool)
+            and 0.0 <= decay < 1.0):
+      raise ValueError(f"ema_decay must be a number in [0, 1), got {decay!r}")
+    object.__setattr__(self, "ema_decay", float(decay))
 
   def stats_due(self, index):
     """Whether update ``index`` refreshes the statistics (the step must capture them)."""
