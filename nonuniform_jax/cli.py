@@ -84,11 +84,13 @@ def quiet_logs() -> None:
   sys.unraisablehook = hook
 
 
-def fail(message: str, status: int = EXIT_BAD_INPUT):
-  """Ends the process with ``error: message`` (one line) on stderr. After an interruption or
-  a failed write, a library thread left waiting (a writer, a prefetcher) must not keep the
-  process alive: if the normal shutdown has not ended it within 30 s, it is ended then."""
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+def fail(message: str | None, status: int = EXIT_BAD_INPUT):
+  """Ends the process with ``error: message`` (one line) on stderr (None: no line). After an
+  interruption or a failed write, a library thread left waiting (a writer, a prefetcher) must
+  not keep the process alive: if the normal shutdown has not ended it within 30 s, it is ended
+  then."""
+  if message is not None:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
   if status in (EXIT_INTERRUPTED, EXIT_DISK_FULL) and _PROGRAM:
     timer = threading.Timer(30.0, os._exit, args=(status,))
     timer.daemon = True
@@ -148,16 +150,18 @@ def _free_space(path: str) -> str:
   return ""
 
 
-def guarded(fn, workdir: str | None = None):
+def guarded(fn, workdir: str | None = None, say_interrupted: bool = True):
   """Runs ``fn()`` and turns the ways a command ends into exit statuses and one-line messages
-  (bad input, interruption, a full disk); returns what ``fn`` returns."""
+  (bad input, interruption, a full disk); returns what ``fn`` returns. ``say_interrupted``
+  False: an interruption ends with its status and no line (a process whose parent says it)."""
   from nonuniform_jax import train  # pylint: disable=g-import-not-at-top
   try:
     return fn()
   except train.Interrupted as e:
-    fail(str(e), EXIT_INTERRUPTED)
+    fail(str(e) if say_interrupted else None, EXIT_INTERRUPTED)
   except KeyboardInterrupt:
-    fail("interrupted; run the same command to resume", EXIT_INTERRUPTED)
+    fail("interrupted; run the same command to resume" if say_interrupted else None,
+         EXIT_INTERRUPTED)
   except Exception as e:  # pylint: disable=broad-except
     if workdir is not None and is_disk_full(e):   # Orbax reports it as a ValueError too
       logging.debug("disk full", exc_info=True)

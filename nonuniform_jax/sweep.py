@@ -88,6 +88,7 @@ SBATCH_FILE = "sweep.sbatch"
 TPU_VM_FILE = "sweep_tpu_vm.sh"
 EMITS = ("slurm", "tpu_vm")
 EXIT_UNFINISHED = 1
+WORKER_ENV = "NONUNIFORM_JAX_SWEEP_WORKER"   # set by --workers in the processes it starts
 ENDED = ("completed", "diverged")
 
 
@@ -220,7 +221,10 @@ def command(argv) -> int:
   docstring); the other statuses end the process through ``nonuniform_jax.cli``."""
   args = parse(argv)
   cli.quiet_logs()
-  return cli.guarded(lambda: _command(args, time.time()), args.workdir)
+  # A worker of --workers leaves the line saying how to resume to its parent, which says it once.
+  worker = args.shard is not None and os.environ.get(WORKER_ENV) == "1"
+  return cli.guarded(lambda: _command(args, time.time()), args.workdir,
+                     say_interrupted=not worker)
 
 
 def _command(args: Args, started: float) -> int:
@@ -397,7 +401,8 @@ def _run_workers(args: Args, members, shards) -> dict:
         with parallel.signals_held():   # no worker started that the stop below does not know
           processes.append(subprocess.Popen(
               [sys.executable, "-m", "nonuniform_jax.sweep",
-               *_sweep_words(args), f"--shard={i}/{len(shards)}"], start_new_session=True))
+               *_sweep_words(args), f"--shard={i}/{len(shards)}"], start_new_session=True,
+              env={**os.environ, WORKER_ENV: "1"}))
     statuses = [p.wait() for p in processes]
   except KeyboardInterrupt:
     for p in processes:

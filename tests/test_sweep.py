@@ -447,3 +447,34 @@ def test_a_stop_while_workers_start_stops_the_ones_started(tmp_path, monkeypatch
       if p.poll() is None:
         p.kill()
   assert len(started) == 1 and started[0].returncode == -signal.SIGTERM
+
+
+def test_sigterm_to_a_sweep_with_workers_stops_them_all_in_one_line(tmp_path):
+  """SIGTERM to the parent of ``--workers=2`` while both workers train: every process ends
+  within seconds, with status 130, one line saying how to resume (the parent's; each worker
+  says which population it stopped) and no traceback."""
+  config = write_config(tmp_path, steps=100000)
+  directory = tmp_path / "sweep"
+  command = [sys.executable, "-m", "nonuniform_jax.sweep", f"--config={config}",
+             f"--workdir={directory}", "--workers=2"]
+  process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 180
+  while time.time() < deadline and len(list(directory.glob("members/*/metrics.jsonl"))) < 4:
+    assert process.poll() is None, process.communicate()
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  sent = time.time()
+  out, err = process.communicate(timeout=60)
+  took = time.time() - sent
+  workers = subprocess.run(["pgrep", "-f", f"--workdir={directory}"], capture_output=True,
+                           text=True).stdout.split()
+  for pid in workers:   # (the test's own leftovers, were there any)
+    os.kill(int(pid), signal.SIGKILL)
+  assert process.returncode == 130, err
+  assert not workers and took < 20, (workers, took)
+  lines = [line for line in (out + err).splitlines() if line.strip()]
+  assert [line for line in lines if line.startswith("error:")] == [
+      "error: interrupted; run the same command to resume"], lines
+  assert sum(line.endswith(": interrupted") for line in lines) == 2, lines
+  assert "Traceback" not in err, err
