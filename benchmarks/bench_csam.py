@@ -73,6 +73,9 @@ def time_per_step(step, state, batch, n_steps: int, repeats: int) -> float:
 
 
 def run(quick: bool, cases=tuple(CASES)) -> list[dict]:
+  unknown = [c for c in cases if c not in CASES]
+  if unknown:
+    raise ValueError(f"unknown cases {unknown}; choose from {list(CASES)}")
   base = lambda: optax.sgd(0.1, momentum=0.9)
   n_steps = 2 if quick else PERIOD
   rows = []

@@ -3,6 +3,7 @@
     python -m benchmarks.run            # full measurement (a few minutes on a 2-core CPU)
     python -m benchmarks.run --quick    # smaller sizes, to check that everything runs
     python -m benchmarks.run --only sam,data   # splices these rows into BENCHMARKS.md
+    python -m benchmarks.run --only csam --cases "default MLP"   # some of a benchmark's cases
 
 Each module exposes ``run(quick: bool) -> list[dict]`` with rows of: benchmark, case, value,
 unit, goal, ok, note. Every value is a ratio measured side by side in this one process, so
@@ -12,6 +13,7 @@ results from different machines compare; absolute times go only in notes.
 import argparse
 import datetime
 import importlib
+import inspect
 import os
 import pathlib
 import platform
@@ -45,14 +47,16 @@ def _table(rows) -> str:
   return "\n".join(lines)
 
 
-def splice(document: str, rows) -> str:
+def splice(document: str, rows, cases: tuple = ()) -> str:
   """``document`` (BENCHMARKS.md) with the table rows of the benchmarks named in ``rows``
   replaced by ``rows``, where the first of them stood (appended to the table when none did);
-  every other line, the prose around the table included, is kept as it is."""
+  every other line, the prose around the table included, is kept as it is. ``cases``: only the
+  rows whose case starts with one of these are replaced (a run of some of the cases)."""
   names = {r["benchmark"] for r in rows}
   lines = document.split("\n")
   table = [i for i, line in enumerate(lines) if line.startswith("| ")][1:]   # below the header
-  old = [i for i in table if lines[i].split(" | ")[0][2:] in names]
+  old = [i for i in table if lines[i].split(" | ")[0][2:] in names and (
+      not cases or lines[i].split(" | ")[1].startswith(tuple(cases)))]
   at = old[0] if old else table[-1] + 1
   new = _table(rows).split("\n")[2:]
   kept = [line for i, line in enumerate(lines) if i not in set(old)]
@@ -64,8 +68,14 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--only", default="", help="comma-separated topics, e.g. sam,data")
+  parser.add_argument("--cases", default="", help="comma-separated cases of the benchmarks that "
+                      "take them (bench_csam: 'default MLP', 'paper MLP 784-128-64-10', "
+                      "'ResNet-20'); needs --only")
   parser.add_argument("--no-write", action="store_true", help="print only")
   args = parser.parse_args(argv)
+  cases = tuple(filter(None, (c.strip() for c in args.cases.split(","))))
+  if cases and not args.only:
+    parser.error("--cases needs --only")
   sys.path.insert(0, str(ROOT))
   import jax  # pylint: disable=g-import-not-at-top
   from nonuniform_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -74,7 +84,14 @@ def main(argv=None) -> int:
   rows = []
   for name in _modules(set(filter(None, args.only.split(",")))):
     try:
-      rows += importlib.import_module(f"benchmarks.{name}").run(quick=args.quick)
+      module = importlib.import_module(f"benchmarks.{name}")
+      if cases and "cases" not in inspect.signature(module.run).parameters:
+        parser.error(f"--cases: {name} runs all of its cases")
+      unknown = [c for c in cases if c not in getattr(module, "CASES", cases)]
+      if unknown:
+        parser.error(f"--cases: {name} has no case {unknown[0]!r}; its cases are "
+                     f"{', '.join(module.CASES)}")
+      rows += module.run(quick=args.quick, **({"cases": cases} if cases else {}))
     except Exception as e:  # a broken benchmark is reported, not hidden
       traceback.print_exc()
       rows.append({"benchmark": name, "case": "error", "value": float("nan"), "unit": "",
@@ -83,7 +100,7 @@ def main(argv=None) -> int:
   print(table)
   if not args.no_write and args.only and (ROOT / "BENCHMARKS.md").exists():
     path = ROOT / "BENCHMARKS.md"
-    path.write_text(splice(path.read_text(), rows))
+    path.write_text(splice(path.read_text(), rows, cases))
   elif not args.no_write:
     device = jax.devices()[0]
     header = (

@@ -50,3 +50,12 @@ def test_table_spread_and_step_time_over_sgd():
   std = math.sqrt(((0.6 - 0.65) ** 2 + (0.7 - 0.65) ** 2) / 1)   # ddof = 1
   assert lines[2].startswith(f"| SGD | 0.650 ± {std:.3f} | 0.500 ± 0.000 | 0.200 ± 0.000 | 1.00 |")
   assert lines[3] == "| CSAM identity | 0.700 ± 0.000 | 0.500 ± 0.000 | 0.200 ± 0.000 | 3.00 |"
+
+
+def test_splice_with_cases_replaces_only_those_cases_rows():
+  """``--cases``: a run of some of a benchmark's cases keeps the rows of its other cases."""
+  out = run.splice(DOCUMENT, [row("alpha", "a1, again", 7.0)], cases=("a1",))
+  table = [l for l in out.split("\n") if l.startswith("| ")]
+  assert table[1:] == ["| alpha | a1, again | 7 | x |  | – | new |",
+                       "| beta | b1 | 2 | x |  | – | kept |",
+                       "| alpha | a2 | 3 | x |  | – | old |"]
